@@ -1,0 +1,40 @@
+"""The spec of ``opd_kernels.teacher_topk`` in plain PyTorch (materializes the logits)."""
+
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import torch
+
+
+class TeacherTopK(NamedTuple):
+    ids: torch.Tensor                        # [*, k] int64, by descending log-prob
+    logprobs: torch.Tensor                   # [*, k] float32, normalized over the full vocabulary
+    lse: torch.Tensor                        # [*] float32
+    token_logprobs: Optional[torch.Tensor]   # [*] float32 or None
+
+
+def teacher_topk(hidden, weight, k, *, bias=None, temperature=1.0, ignore_ids=None, token_ids=None,
+                 compute_dtype=torch.float64):
+    """Top-k of ``z = (hidden @ weight.T + bias) / temperature``; log-probs are ``z − lse`` over the full
+    vocabulary; ``ignore_ids`` are never selected but stay in ``lse``; ``token_ids [*]`` asks for the
+    log-prob of given tokens."""
+    lead = hidden.shape[:-1]
+    h = hidden.reshape(-1, hidden.shape[-1]).to(compute_dtype)
+    logits = h @ weight.to(compute_dtype).T
+    if bias is not None:
+        logits = logits + bias.to(compute_dtype)
+    z = logits / temperature
+    lse = z.logsumexp(-1)
+    selectable = z
+    if ignore_ids is not None:
+        ignore = torch.as_tensor(ignore_ids, dtype=torch.long, device=z.device).reshape(-1)
+        selectable = z.index_fill(1, ignore, float("-inf"))
+    values, ids = selectable.topk(k, dim=-1)
+    logprobs = values - lse[:, None]
+    token_logprobs = None
+    if token_ids is not None:
+        x = token_ids.reshape(-1).long()
+        token_logprobs = (z.gather(1, x[:, None])[:, 0] - lse).float().reshape(lead)
+    return TeacherTopK(ids.reshape(*lead, k), logprobs.float().reshape(*lead, k), lse.float().reshape(lead),
+                       token_logprobs)
