@@ -60,12 +60,14 @@ def stopgrad(log_p_sel, t, valid):
 
 def renorm(log_p_sel, t, valid):
     """KL(q ‖ u), q and u the student's and teacher's distributions renormalized over S."""
+    # invalid slots → -inf inside the normalizers; rows with no valid slot normalize zeros instead (finite
+    # everywhere, so no -inf·0 or inf−inf ever reaches autograd); their terms are masked out.
     neg_inf = torch.full_like(log_p_sel, float("-inf"))
     any_valid = valid.any(-1, keepdim=True)
-    ls = torch.where(valid, log_p_sel, neg_inf)
-    ts = torch.where(valid, t, neg_inf)
-    log_q = ls - torch.where(any_valid, ls.logsumexp(-1, keepdim=True), torch.zeros_like(ls[..., :1]))
-    log_u = ts - torch.where(any_valid, ts.logsumexp(-1, keepdim=True), torch.zeros_like(ts[..., :1]))
+    ls = torch.where(any_valid, torch.where(valid, log_p_sel, neg_inf), torch.zeros_like(log_p_sel))
+    ts = torch.where(any_valid, torch.where(valid, t, neg_inf), torch.zeros_like(t))
+    log_q = _masked(ls - ls.logsumexp(-1, keepdim=True), valid)
+    log_u = _masked(ts - ts.logsumexp(-1, keepdim=True), valid)
     return _masked(log_q.exp() * (log_q - log_u), valid).sum(-1)
 
 

@@ -1,0 +1,16 @@
+"""opd_kernels: fused kernels for on-policy distillation.
+
+Top-K reverse-KL losses and teacher top-K gathering computed from hidden states and the LM-head weight,
+never materializing ``[tokens, vocab]`` logits.
+"""
+
+from ._config import Options, get_options, options, set_options
+from .api import (SampledTokenRKLLoss, TeacherTopK, TopKRKLLoss, sampled_token_rkl_loss, teacher_topk,
+                  topk_rkl_loss, triton_available)
+
+__all__ = [
+    "topk_rkl_loss", "sampled_token_rkl_loss", "teacher_topk", "TeacherTopK",
+    "TopKRKLLoss", "SampledTokenRKLLoss",
+    "options", "set_options", "get_options", "Options", "triton_available",
+]
+__version__ = "0.1.0"
