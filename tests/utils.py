@@ -1,0 +1,80 @@
+"""Shared test helpers: random problem builder and an error-ratio assertion."""
+
+from __future__ import annotations
+
+import torch
+
+
+def rel_err(actual, expected, scale=None) -> float:
+    """‖actual − expected‖ / max(‖expected‖, scale) in float64 (NaN anywhere → inf).
+
+    ``scale`` is the conditioning of a reduced value: for a sum of per-token terms of mixed sign, pass the
+    sum of their magnitudes (a sum can cancel far below the size of its terms)."""
+    a, e = actual.detach().double(), expected.detach().double()
+    if a.shape != e.shape:
+        raise AssertionError(f"shape {tuple(a.shape)} != expected {tuple(e.shape)}")
+    if not torch.isfinite(a).all():
+        return float("inf")
+    denom = max(e.norm().item(), float(scale or 0.0))
+    return (a - e).norm().item() / (denom if denom > 0 else 1.0)
+
+
+def assert_close(name, actual, expected, tol, scale=None):
+    err = rel_err(actual, expected, scale)
+    assert err <= tol, f"{name}: relative error {err:.3e} > {tol:.1e}"
+    return err
+
+
+def assert_bf16_close(name, actual, baseline, truth, margin=2.0, floor=1e-3):
+    """``actual`` (our low-precision result) may be at most ``margin`` × as far from the float64 ``truth``
+    as the plain low-precision PyTorch ``baseline`` is (plus a small floor for near-exact baselines)."""
+    err, base = rel_err(actual, truth), rel_err(baseline, truth)
+    assert err <= margin * base + floor, f"{name}: error {err:.3e} vs bf16 baseline {base:.3e}"
+    return err, base
+
+
+def make_problem(n=37, h=48, v=1007, k=5, *, lead=None, seed=0, dtype=torch.float64, ids_dtype=torch.long,
+                 with_bias=True, empty_slots=True, device="cpu"):
+    """Fresh random student/teacher inputs in float64 (cast by the caller).
+
+    The teacher log-probs come from a random teacher distribution over the full vocabulary; its top-k ids are
+    mixed with random ids so the student's support masses vary. Empty slots use both conventions (negative id
+    and -inf log-prob). Logit scale is large enough that π is peaked, like a trained model.
+    """
+    if lead is not None:
+        n = int(torch.Size(lead).numel())
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, h, generator=g, dtype=torch.float64)
+    weight = torch.randn(v, h, generator=g, dtype=torch.float64) * (2.0 / h ** 0.5)
+    bias = torch.randn(v, generator=g, dtype=torch.float64) * 0.5 if with_bias else None
+    teacher_logits = torch.randn(n, v, generator=g, dtype=torch.float64) * 2.0
+    teacher_lp = torch.log_softmax(teacher_logits, -1)
+    top = teacher_lp.topk(k, -1).indices
+    rand_ids = torch.randint(0, v, (n, k), generator=g)
+    use_rand = torch.rand(n, k, generator=g) < 0.3
+    ids = torch.where(use_rand, rand_ids, top)
+    lp = teacher_lp.gather(1, ids)
+    if empty_slots:
+        ids[1, -1] = -1                          # negative-id convention
+        lp[2, 0] = float("-inf")                 # -inf convention
+        ids[3, :] = -1                           # a token with no valid slot at all
+        lp[4, 1] = float("-inf")
+        ids[4, 1] = 0
+    shape = (n,) if lead is None else tuple(lead)
+    out = dict(hidden=hidden.reshape(*shape, h).to(dtype), weight=weight.to(dtype),
+               bias=None if bias is None else bias.to(dtype),
+               teacher_ids=ids.reshape(*shape, k).to(ids_dtype), teacher_logprobs=lp.reshape(*shape, k).float())
+    return {key: (val.to(device) if isinstance(val, torch.Tensor) else val) for key, val in out.items()}
+
+
+def leaf_copies(problem, dtype):
+    """Differentiable copies of hidden/weight/bias in ``dtype``."""
+    out = dict(problem)
+    for key in ("hidden", "weight", "bias"):
+        if out.get(key) is not None:
+            out[key] = out[key].detach().to(dtype).clone().requires_grad_(True)
+    return out
+
+
+def grads(problem):
+    return {key: problem[key].grad for key in ("hidden", "weight", "bias") if problem.get(key) is not None}
