@@ -69,25 +69,26 @@ def test_parity_options(variant):
                   with_bias=False)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_parity_bf16(variant):
+def test_parity_low_precision(variant, dtype):
     prob = make_problem(n=41, v=1003, k=6, seed=11)
     mask = _mask("bool", (41,))
     # per-token values (reduction="none") and a random upstream gradient: a reduced scalar can cancel and
     # make either side look lucky
     kw = dict(variant=variant, temperature=1.3, ignore_ids=[7], mask=mask, reduction="none")
     upstream = torch.randn(41, generator=torch.Generator().manual_seed(12), dtype=torch.float64)
-    ours, base = leaf_copies(prob, torch.bfloat16), leaf_copies(prob, torch.bfloat16)
-    truth = leaf_copies(leaf_copies(prob, torch.bfloat16), torch.float64)   # exact math on the bf16 inputs
+    ours, base = leaf_copies(prob, dtype), leaf_copies(prob, dtype)
+    truth = leaf_copies(leaf_copies(prob, dtype), torch.float64)   # exact math on the rounded inputs
     with ok.options(chunk_size=16):
         out = _run(ok.topk_rkl_loss, ours, backend="torch", **kw)
     ref = _run(R.topk_rkl_loss, truth, **kw)
-    baseline = _run(R.topk_rkl_loss, base, compute_dtype=None, **kw)      # plain bf16 PyTorch
+    baseline = _run(R.topk_rkl_loss, base, compute_dtype=None, **kw)      # plain low-precision PyTorch
     for y in (out, ref, baseline):
         (y * upstream.to(y.dtype)).sum().backward()
     assert_bf16_close("loss", out, baseline, ref)
     for key in grads(ours):
-        assert grads(ours)[key].dtype == torch.bfloat16
+        assert grads(ours)[key].dtype == dtype
         assert_bf16_close(f"grad_{key}", grads(ours)[key], grads(base)[key], grads(truth)[key])
 
 
