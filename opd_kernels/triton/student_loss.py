@@ -1,0 +1,602 @@
+"""Fused Triton kernels for the student losses (``topk_rkl`` backend contract, see ``torch_backend``).
+
+Per token n, with ``z = (h Wᵀ + b) / τ``, ``lse = logsumexp(z)``, ``π = softmax(z)`` and the per-slot
+coefficients ``g`` of ``_math.slot_terms``:
+
+    ∂ℓ_n/∂(h Wᵀ + b)_nj = (Σ_k g_nk [j = id_nk] − c_n π_nj) / τ,        c_n = Σ_k g_nk
+
+Kernels (none allocates ``[N, V]`` or ``[chunk, V]``; extra memory is O(N·K + N·splits) plus the fp32
+accumulators of the gradients):
+
+- ``_gather_logits_kernel``: ``z_sel[n, k] = (h_n · W[id_nk] + b[id_nk]) / τ`` (gathered dot products).
+- ``_fwd_sweep_kernel``: grid (row blocks × vocabulary splits); logit tiles ``[BN, BV]`` by ``tl.dot`` over
+  H chunks (fp32 accumulation), online max / Σ exp (and Σ exp·(z − m) for the entropy when stats are asked)
+  → partial results per split, merged deterministically in PyTorch (O(N·splits)).
+- ``_bwd_dense_kernel``: recomputes logit tiles, ``dz = −c π / τ`` → ``grad_h += dz W``, ``grad_W += dzᵀ h``,
+  ``grad_b += Σ_n dz``; tiles where every ``π_nj`` (of rows with ``c_n ≠ 0``) is below ``filter_eps`` are
+  skipped (their dense gradient, relative to the row's scale ``|c_n|/τ``, is below ``filter_eps``).
+  Atomic mode: one program per (row block, vocabulary split), fp32 atomics. Deterministic mode: grad_h by
+  programs owning (row block, split) writing a private buffer slice, grad_W/grad_b by programs owning a
+  vocabulary tile looping over every row block (plain read-modify-write, fixed order).
+- ``_sparse_rows_kernel``: sparse part per row: ``grad_h_n += Σ_k g_nk W[id_nk] / τ`` (and, in atomic mode,
+  ``grad_W[id_nk] += g_nk h_n / τ``, ``grad_b[id_nk] += g_nk / τ``); writes grad_h in the input dtype.
+- ``_sparse_segments_kernel`` (deterministic mode): the sparse grad_W / grad_b part from the (id, slot) pairs
+  sorted by id; the program at the first entry of each id's segment sums the segment in order.
+
+``"renorm"`` without stats runs only the gathered dot products (no vocabulary sweep, forward or backward).
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import _math
+from ._compile import CompileSpec
+
+
+def _patch_interpreter_index():
+    """Triton 3.6's interpreter converts scalar tensors (1-element arrays) with ``int(array)``, which
+    NumPy ≥ 2.4 rejects ("only 0-dimensional arrays ..."): loops with runtime bounds then fail under
+    TRITON_INTERPRET=1. Re-define ``__index__`` through ``.item()`` (no effect on compiled kernels)."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return
+    try:
+        from triton.runtime import interpreter as _interp
+    except ImportError:                                                    # pragma: no cover
+        return
+    orig = getattr(_interp, "_patch_lang_tensor", None)
+    if orig is None or getattr(orig, "_opd_fixed", False):
+        return
+
+    def patched(tensor, scope):
+        orig(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    patched._opd_fixed = True
+    _interp._patch_lang_tensor = patched
+
+
+_patch_interpreter_index()
+
+# ------------------------------------------------------------------------------------------------- kernels
+
+
+@triton.jit
+def _gather_logits_kernel(h_ptr, w_ptr, b_ptr, ids_ptr, out_ptr, K, H, inv_tau,
+                          HAS_BIAS: tl.constexpr, BK: tl.constexpr, BH: tl.constexpr):
+    """out[n, k] = (h_n · W[id_nk] + b[id_nk]) · inv_tau   (id < 0 → any finite value)."""
+    n = tl.program_id(0).to(tl.int64)
+    ks = tl.program_id(1).to(tl.int64) * BK + tl.arange(0, BK)            # [BK]
+    kmask = ks < K
+    ids = tl.load(ids_ptr + n * K + ks, mask=kmask, other=-1)
+    valid = ids >= 0
+    sid = tl.where(valid, ids, 0).to(tl.int64)
+    acc = tl.zeros([BK], dtype=tl.float32)
+    for k0 in range(0, H, BH):
+        hk = k0 + tl.arange(0, BH).to(tl.int64)                             # [BH]
+        hmask = hk < H
+        hv = tl.load(h_ptr + n * H + hk, mask=hmask, other=0.0).to(tl.float32)
+        wv = tl.load(w_ptr + sid[:, None] * H + hk[None, :], mask=valid[:, None] & hmask[None, :],
+                     other=0.0).to(tl.float32)                              # [BK, BH]
+        acc += tl.sum(wv * hv[None, :], axis=1)
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + sid, mask=valid, other=0.0).to(tl.float32)
+    tl.store(out_ptr + n * K + ks, acc * inv_tau, mask=kmask)
+
+
+@triton.jit
+def _logit_tile(h_ptr, w_ptr, b_ptr, rows, rmask, cols, cmask, H, inv_tau,
+                HAS_BIAS: tl.constexpr, BN: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr,
+                DOT_PREC: tl.constexpr):
+    """z [BN, BV] = (h[rows] W[cols]ᵀ + b[cols]) · inv_tau, fp32 accumulation over H chunks."""
+    acc = tl.zeros([BN, BV], dtype=tl.float32)
+    for k0 in range(0, H, BH):
+        hk = k0 + tl.arange(0, BH).to(tl.int64)
+        hmask = hk < H
+        a = tl.load(h_ptr + rows[:, None] * H + hk[None, :], mask=rmask[:, None] & hmask[None, :], other=0.0)
+        bt = tl.load(w_ptr + cols[None, :] * H + hk[:, None], mask=cmask[None, :] & hmask[:, None], other=0.0)
+        acc = tl.dot(a, bt, acc, input_precision=DOT_PREC)                 # [BN, BV]
+    if HAS_BIAS:
+        acc += tl.load(b_ptr + cols, mask=cmask, other=0.0).to(tl.float32)[None, :]
+    return acc * inv_tau
+
+
+@triton.jit
+def _fwd_sweep_kernel(h_ptr, w_ptr, b_ptr, m_ptr, s_ptr, e_ptr, N, V, H, inv_tau, tiles_per_split,
+                      HAS_BIAS: tl.constexpr, NEED_ENT: tl.constexpr, BN: tl.constexpr, BV: tl.constexpr,
+                      BH: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Partial online softmax statistics of one (row block, vocabulary split):
+    m = max z, s = Σ exp(z − m), e = Σ exp(z − m)(z − m)  → written at [split, rows]."""
+    pid_n = tl.program_id(0)
+    split = tl.program_id(1)
+    rows = pid_n.to(tl.int64) * BN + tl.arange(0, BN)
+    rmask = rows < N
+    m = tl.full([BN], -1.0e30, dtype=tl.float32)
+    s = tl.zeros([BN], dtype=tl.float32)
+    e = tl.zeros([BN], dtype=tl.float32)
+    t0 = split * tiles_per_split
+    for t in range(t0, tl.minimum(t0 + tiles_per_split, tl.cdiv(V, BV))):
+        cols = (t * BV + tl.arange(0, BV)).to(tl.int64)
+        cmask = cols < V
+        z = _logit_tile(h_ptr, w_ptr, b_ptr, rows, rmask, cols, cmask, H, inv_tau,
+                        HAS_BIAS, BN, BV, BH, DOT_PREC)
+        z = tl.where(cmask[None, :], z, float("-inf"))
+        m_new = tl.maximum(m, tl.max(z, axis=1))                            # finite: a tile has a column < V
+        alpha = tl.exp(m - m_new)
+        p = tl.exp(z - m_new[:, None])                                      # [BN, BV], 0 at masked columns
+        if NEED_ENT:
+            # Σ e^{z−m'}(z−m') = α (e + s (m − m')) + Σ_tile
+            zc = tl.where(cmask[None, :], z - m_new[:, None], 0.0)
+            e = alpha * (e + s * (m - m_new)) + tl.sum(p * zc, axis=1)
+        s = s * alpha + tl.sum(p, axis=1)
+        m = m_new
+    out = split.to(tl.int64) * N + rows
+    tl.store(m_ptr + out, m, mask=rmask)
+    tl.store(s_ptr + out, s, mask=rmask)
+    if NEED_ENT:
+        tl.store(e_ptr + out, e, mask=rmask)
+
+
+@triton.jit
+def _bwd_dense_kernel(h_ptr, w_ptr, b_ptr, lse_ptr, c_ptr, gh_ptr, gw_ptr, gb_ptr,
+                      N, V, H, inv_tau, filter_eps, row_blocks_per_prog, n_row_blocks, tiles_per_prog,
+                      n_tiles, gh_split_stride,
+                      HAS_BIAS: tl.constexpr, COMPUTE_DH: tl.constexpr, COMPUTE_DW: tl.constexpr,
+                      COMPUTE_DB: tl.constexpr, ATOMIC: tl.constexpr, FILTER: tl.constexpr,
+                      BN: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Dense gradient part dz = −c π / τ over the tiles of program (a, b): row blocks
+    [a·RB, (a+1)·RB) × vocabulary tiles [b·TP, (b+1)·TP).  grad_h goes to gh + b·gh_split_stride."""
+    pa = tl.program_id(0)
+    pb = tl.program_id(1)
+    gh_base = gh_ptr + pb.to(tl.int64) * gh_split_stride
+    rb_end = tl.minimum((pa + 1) * row_blocks_per_prog, n_row_blocks)
+    vt_end = tl.minimum((pb + 1) * tiles_per_prog, n_tiles)
+    for rb in range(pa * row_blocks_per_prog, rb_end):
+        rows = (rb * BN + tl.arange(0, BN)).to(tl.int64)
+        rmask = rows < N
+        lse = tl.load(lse_ptr + rows, mask=rmask, other=0.0)
+        c = tl.load(c_ptr + rows, mask=rmask, other=0.0)                  # 0 beyond N
+        for vt in range(pb * tiles_per_prog, vt_end):
+            cols = (vt * BV + tl.arange(0, BV)).to(tl.int64)
+            cmask = cols < V
+            z = _logit_tile(h_ptr, w_ptr, b_ptr, rows, rmask, cols, cmask, H, inv_tau,
+                            HAS_BIAS, BN, BV, BH, DOT_PREC)
+            p = tl.where(cmask[None, :], tl.exp(z - lse[:, None]), 0.0)    # [BN, BV]
+            if FILTER:
+                keep = tl.max(tl.max(tl.where(c[:, None] != 0.0, p, 0.0), axis=1), axis=0) >= filter_eps
+            else:
+                keep = True
+            if keep:
+                dz = p * (-c * inv_tau)[:, None]                           # [BN, BV] fp32
+                if COMPUTE_DB:
+                    db = tl.sum(dz, axis=0)                                # [BV]
+                    if ATOMIC:
+                        tl.atomic_add(gb_ptr + cols, db, mask=cmask)
+                    else:
+                        tl.store(gb_ptr + cols, tl.load(gb_ptr + cols, mask=cmask, other=0.0) + db, mask=cmask)
+                dzc = dz.to(h_ptr.dtype.element_ty)
+                for k0 in range(0, H, BH):
+                    hk = k0 + tl.arange(0, BH).to(tl.int64)
+                    hmask = hk < H
+                    if COMPUTE_DH:
+                        wk = tl.load(w_ptr + cols[:, None] * H + hk[None, :],
+                                     mask=cmask[:, None] & hmask[None, :], other=0.0)       # [BV, BH]
+                        dh = tl.dot(dzc, wk, input_precision=DOT_PREC)                       # [BN, BH]
+                        gh_off = gh_base + rows[:, None] * H + hk[None, :]
+                        gh_mask = rmask[:, None] & hmask[None, :]
+                        if ATOMIC:
+                            tl.atomic_add(gh_off, dh, mask=gh_mask)
+                        else:
+                            tl.store(gh_off, tl.load(gh_off, mask=gh_mask, other=0.0) + dh, mask=gh_mask)
+                    if COMPUTE_DW:
+                        hk_t = tl.load(h_ptr + rows[:, None] * H + hk[None, :],
+                                       mask=rmask[:, None] & hmask[None, :], other=0.0)     # [BN, BH]
+                        dw = tl.dot(tl.trans(dzc), hk_t, input_precision=DOT_PREC)         # [BV, BH]
+                        gw_off = gw_ptr + cols[:, None] * H + hk[None, :]
+                        gw_mask = cmask[:, None] & hmask[None, :]
+                        if ATOMIC:
+                            tl.atomic_add(gw_off, dw, mask=gw_mask)
+                        else:
+                            tl.store(gw_off, tl.load(gw_off, mask=gw_mask, other=0.0) + dw, mask=gw_mask)
+
+
+@triton.jit
+def _sparse_rows_kernel(h_ptr, w_ptr, ids_ptr, g_ptr, gh32_ptr, gh_out_ptr, gw_ptr, gb_ptr, K, H,
+                        HAS_DENSE: tl.constexpr, COMPUTE_DH: tl.constexpr, ATOMIC_DW: tl.constexpr,
+                        ATOMIC_DB: tl.constexpr, BK: tl.constexpr, BH: tl.constexpr):
+    """Sparse part of row n on one H chunk (g already scaled by grad_loss / τ):
+    grad_h[n] = dense[n] + Σ_k g_nk W[id_nk] (written in the output dtype);
+    atomic mode also grad_W[id_nk] += g_nk h_n and grad_b[id_nk] += g_nk."""
+    n = tl.program_id(0).to(tl.int64)
+    hk = tl.program_id(1).to(tl.int64) * BH + tl.arange(0, BH)
+    hmask = hk < H
+    acc = tl.zeros([BH], dtype=tl.float32)
+    if ATOMIC_DW:
+        hv = tl.load(h_ptr + n * H + hk, mask=hmask, other=0.0).to(tl.float32)
+    for k0 in range(0, K, BK):
+        ks = k0 + tl.arange(0, BK)
+        kmask = ks < K
+        ids = tl.load(ids_ptr + n * K + ks, mask=kmask, other=-1)
+        valid = ids >= 0
+        sid = tl.where(valid, ids, 0).to(tl.int64)
+        g = tl.load(g_ptr + n * K + ks, mask=valid, other=0.0)            # [BK]
+        if COMPUTE_DH:
+            wv = tl.load(w_ptr + sid[:, None] * H + hk[None, :], mask=valid[:, None] & hmask[None, :],
+                         other=0.0).to(tl.float32)                          # [BK, BH]
+            acc += tl.sum(g[:, None] * wv, axis=0)
+        if ATOMIC_DW:
+            tl.atomic_add(gw_ptr + sid[:, None] * H + hk[None, :], g[:, None] * hv[None, :],
+                          mask=valid[:, None] & hmask[None, :])
+        if ATOMIC_DB:
+            if tl.program_id(1) == 0:
+                tl.atomic_add(gb_ptr + sid, g, mask=valid)
+    if COMPUTE_DH:
+        if HAS_DENSE:
+            acc += tl.load(gh32_ptr + n * H + hk, mask=hmask, other=0.0)
+        tl.store(gh_out_ptr + n * H + hk, acc.to(gh_out_ptr.dtype.element_ty), mask=hmask)
+
+
+@triton.jit
+def _sparse_segments_kernel(h_ptr, sids_ptr, srows_ptr, sg_ptr, send_ptr, gw_ptr, gb_ptr, H,
+                            COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
+                            BE: tl.constexpr, BH: tl.constexpr):
+    """Deterministic sparse grad_W / grad_b: entries sorted by id; the program at the first entry i of a
+    segment [i, end) adds Σ_e g_e h[row_e] to grad_W[id] (fixed order, no atomics)."""
+    i = tl.program_id(0).to(tl.int64)
+    vid = tl.load(sids_ptr + i)
+    prev = tl.load(sids_ptr + tl.maximum(i - 1, 0))
+    start = (vid >= 0) & ((i == 0) | (prev != vid))
+    if start:
+        end = tl.load(send_ptr + i)
+        vid64 = vid.to(tl.int64)
+        if COMPUTE_DB:
+            gsum = tl.zeros([BE], dtype=tl.float32)
+            for e0 in range(i, end, BE):
+                es = e0 + tl.arange(0, BE)
+                gsum += tl.load(sg_ptr + es, mask=es < end, other=0.0)
+            tl.store(gb_ptr + vid64, tl.load(gb_ptr + vid64) + tl.sum(gsum, axis=0))
+        if COMPUTE_DW:
+            for h0 in range(0, H, BH):
+                hk = h0 + tl.arange(0, BH).to(tl.int64)
+                hmask = hk < H
+                acc = tl.zeros([BH], dtype=tl.float32)
+                for e0 in range(i, end, BE):
+                    es = e0 + tl.arange(0, BE)
+                    emask = es < end
+                    r = tl.load(srows_ptr + es, mask=emask, other=0).to(tl.int64)
+                    g = tl.load(sg_ptr + es, mask=emask, other=0.0)
+                    hv = tl.load(h_ptr + r[:, None] * H + hk[None, :], mask=emask[:, None] & hmask[None, :],
+                                 other=0.0).to(tl.float32)                  # [BE, BH]
+                    acc += tl.sum(g[:, None] * hv, axis=0)
+                off = gw_ptr + vid64 * H + hk
+                tl.store(off, tl.load(off, mask=hmask, other=0.0) + acc, mask=hmask)
+
+
+# ------------------------------------------------------------------------------------------------- configs
+
+#: Production tile configs (CUDA). Interpreter (CPU) runs use ``_INTERP`` (small tiles, many of them).
+_PROD = dict(
+    fwd=dict(BN=128, BV=128, BH=64, num_warps=8, num_stages=3),
+    bwd=dict(BN=128, BV=128, BH=64, num_warps=8, num_stages=2),
+    gather=dict(BK=32, BH=128, num_warps=4, num_stages=2),
+    sparse=dict(BK=32, BH=128, num_warps=4, num_stages=2),
+    segments=dict(BE=16, BH=256, num_warps=4, num_stages=2),
+)
+_INTERP = dict(
+    fwd=dict(BN=16, BV=64, BH=32, num_warps=4, num_stages=1),
+    bwd=dict(BN=16, BV=64, BH=32, num_warps=4, num_stages=1),
+    gather=dict(BK=4, BH=32, num_warps=4, num_stages=1),
+    sparse=dict(BK=4, BH=32, num_warps=4, num_stages=1),
+    segments=dict(BE=4, BH=32, num_warps=4, num_stages=1),
+)
+#: Test hook: overrides merged into the configs (e.g. {"fwd": {"BV": 32}}) and ``programs`` (target count).
+_OVERRIDES: dict = {}
+#: Extra device memory allowed for the deterministic mode's per-split grad_h buffers.
+_DET_SPLIT_BYTES = 64 * 2**20
+
+
+def _cfg(name, device):
+    base = dict((_PROD if device.type == "cuda" else _INTERP)[name])
+    base.update(_OVERRIDES.get(name, {}))
+    return base
+
+
+def _target_programs(device):
+    if "programs" in _OVERRIDES:
+        return int(_OVERRIDES["programs"])
+    if device.type == "cuda":
+        return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 8
+
+
+def _splits(n_row_blocks, n_tiles, device):
+    """(tiles per split, splits) so that row blocks × splits ≈ the target program count."""
+    want = max(1, min(n_tiles, -(-_target_programs(device) // max(n_row_blocks, 1))))
+    per = -(-n_tiles // want)
+    return per, -(-n_tiles // per)
+
+
+def _dot_prec(dtype):
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32" if dtype == torch.float32 else "ieee"
+
+
+def default_filter_eps(dtype) -> float:
+    """Skip threshold on π (relative dense gradient): the dtype's epsilon × 2⁻¹⁶ (bf16 2⁻²³, fp32 2⁻³⁹)."""
+    return torch.finfo(dtype).eps * 2.0 ** -16
+
+
+def _launch_kw(cfg):
+    return {"num_warps": cfg["num_warps"], "num_stages": cfg["num_stages"]}
+
+
+def _blocks(cfg, *names):
+    return {k: cfg[k] for k in names}
+
+
+# ------------------------------------------------------------------------------------------------- launchers
+
+def gather_logits(hidden, weight, bias, ids, temperature):
+    """``[N, K]`` fp32 student logits at ``ids`` (finite garbage at ids < 0)."""
+    n, k = ids.shape
+    out = torch.full((n, k), float("nan"), dtype=torch.float32, device=hidden.device)
+    if n == 0 or k == 0:
+        return out
+    cfg = _cfg("gather", hidden.device)
+    bk = min(cfg["BK"], triton.next_power_of_2(k))
+    _gather_logits_kernel[(n, triton.cdiv(k, bk))](
+        hidden, weight, bias if bias is not None else hidden, ids, out, k, hidden.shape[1], 1.0 / temperature,
+        HAS_BIAS=bias is not None, BK=bk, BH=cfg["BH"], **_launch_kw(cfg))
+    return out
+
+
+def logsumexp_sweep(hidden, weight, bias, temperature, need_entropy):
+    """``lse [N]`` (and the full-vocabulary entropy ``[N]`` or None) by one vocabulary sweep."""
+    n, hdim = hidden.shape
+    vocab = weight.shape[0]
+    dev = hidden.device
+    cfg = _cfg("fwd", dev)
+    n_rb = triton.cdiv(n, cfg["BN"])
+    per, splits = _splits(n_rb, triton.cdiv(vocab, cfg["BV"]), dev)
+    m = torch.full((splits, n), float("nan"), dtype=torch.float32, device=dev)
+    s = torch.full_like(m, float("nan"))
+    e = torch.full_like(m, float("nan")) if need_entropy else m
+    _fwd_sweep_kernel[(n_rb, splits)](
+        hidden, weight, bias if bias is not None else hidden, m, s, e, n, vocab, hdim, 1.0 / temperature, per,
+        HAS_BIAS=bias is not None, NEED_ENT=need_entropy, DOT_PREC=_dot_prec(hidden.dtype),
+        **_blocks(cfg, "BN", "BV", "BH"), **_launch_kw(cfg))
+    # deterministic merge of the per-split (max, Σexp, Σexp·(z−m)); every split holds ≥ 1 column
+    top = m.max(0).values                                                 # [N]
+    scale = torch.exp(m - top)                                            # [S, N]
+    total = (s * scale).sum(0)
+    lse = top + total.log()
+    entropy = None
+    if need_entropy:
+        # H = lse − Σπz = log Σ − Σ e^{z−M}(z−M) / Σ
+        w = (scale * (e + s * (m - top))).sum(0)
+        entropy = total.log() - w / total
+    return lse, entropy
+
+
+def _dense_backward(hidden, weight, bias, lse, c, temperature, gh32, gw32, gb32, deterministic, filter_eps):
+    n, hdim = hidden.shape
+    vocab = weight.shape[0]
+    dev = hidden.device
+    cfg = _cfg("bwd", dev)
+    bn, bv = cfg["BN"], cfg["BV"]
+    n_rb, n_tiles = triton.cdiv(n, bn), triton.cdiv(vocab, bv)
+    filt = filter_eps is not None and filter_eps > 0
+    common = dict(HAS_BIAS=bias is not None, FILTER=filt, DOT_PREC=_dot_prec(hidden.dtype),
+                  **_blocks(cfg, "BN", "BV", "BH"))
+    args = (hidden, weight, bias if bias is not None else hidden, lse, c)
+    dummy = lse
+    scal = (n, vocab, hdim, 1.0 / temperature, float(filter_eps or 0.0))
+    if not deterministic:
+        per, splits = _splits(n_rb, n_tiles, dev)
+        _bwd_dense_kernel[(n_rb, splits)](
+            *args, gh32 if gh32 is not None else dummy, gw32 if gw32 is not None else dummy,
+            gb32 if gb32 is not None else dummy, *scal, 1, n_rb, per, n_tiles, 0,
+            COMPUTE_DH=gh32 is not None, COMPUTE_DW=gw32 is not None, COMPUTE_DB=gb32 is not None,
+            ATOMIC=True, **common, **_launch_kw(cfg))
+        return gh32
+    if gh32 is not None:
+        per, splits = _splits(n_rb, n_tiles, dev)
+        splits = max(1, min(splits, _DET_SPLIT_BYTES // max(1, n * hdim * 4)))
+        per = triton.cdiv(n_tiles, splits)
+        splits = triton.cdiv(n_tiles, per)
+        buf = gh32 if splits == 1 else torch.zeros((splits, n, hdim), dtype=torch.float32, device=dev)
+        _bwd_dense_kernel[(n_rb, splits)](
+            *args, buf, dummy, dummy, *scal, 1, n_rb, per, n_tiles, n * hdim,
+            COMPUTE_DH=True, COMPUTE_DW=False, COMPUTE_DB=False, ATOMIC=False, **common, **_launch_kw(cfg))
+        if splits > 1:
+            torch.sum(buf, 0, out=gh32)
+    if gw32 is not None or gb32 is not None:
+        _bwd_dense_kernel[(1, n_tiles)](
+            *args, dummy, gw32 if gw32 is not None else dummy, gb32 if gb32 is not None else dummy,
+            *scal, n_rb, n_rb, 1, n_tiles, 0,
+            COMPUTE_DH=False, COMPUTE_DW=gw32 is not None, COMPUTE_DB=gb32 is not None, ATOMIC=False,
+            **common, **_launch_kw(cfg))
+    return gh32
+
+
+def _sparse_backward(hidden, weight, ids, gs, gh32, grad_h, gw32, gb32, deterministic):
+    n, k = ids.shape
+    hdim = hidden.shape[1]
+    dev = hidden.device
+    if n == 0:
+        return
+    atomic = not deterministic
+    cfg = _cfg("sparse", dev)
+    bk = min(cfg["BK"], triton.next_power_of_2(k))
+    dummy = gs
+    if grad_h is not None or (atomic and (gw32 is not None or gb32 is not None)):
+        _sparse_rows_kernel[(n, triton.cdiv(hdim, cfg["BH"]))](
+            hidden, weight, ids, gs, gh32 if gh32 is not None else dummy, grad_h if grad_h is not None else dummy,
+            gw32 if gw32 is not None else dummy, gb32 if gb32 is not None else dummy, k, hdim,
+            HAS_DENSE=gh32 is not None, COMPUTE_DH=grad_h is not None, ATOMIC_DW=atomic and gw32 is not None,
+            ATOMIC_DB=atomic and gb32 is not None, BK=bk, BH=cfg["BH"], **_launch_kw(cfg))
+    if deterministic and (gw32 is not None or gb32 is not None):
+        flat = ids.reshape(-1)
+        sorted_ids, order = torch.sort(flat, stable=True)
+        rows = torch.div(order, k, rounding_mode="floor").to(torch.int32)
+        sg = gs.reshape(-1)[order].contiguous()
+        ends = torch.searchsorted(sorted_ids, sorted_ids, right=True)
+        cfg = _cfg("segments", dev)
+        _sparse_segments_kernel[(flat.numel(),)](
+            hidden, sorted_ids, rows, sg, ends, gw32 if gw32 is not None else dummy,
+            gb32 if gb32 is not None else dummy, hdim,
+            COMPUTE_DW=gw32 is not None, COMPUTE_DB=gb32 is not None, BE=cfg["BE"], BH=cfg["BH"],
+            **_launch_kw(cfg))
+
+
+# ------------------------------------------------------------------------------------------------- autograd
+
+class TopKRKLTriton(torch.autograd.Function):
+    """Per-token loss ``ℓ [N]`` of one variant by the fused kernels; differentiable w.r.t. hidden, weight, bias."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, ids, teacher_logprobs, variant, temperature, stats_out,
+                deterministic, filter_eps):
+        hidden, weight = hidden.contiguous(), weight.contiguous()
+        bias = None if bias is None else bias.contiguous()
+        ids, teacher_logprobs = ids.contiguous(), teacher_logprobs.contiguous()
+        n = hidden.shape[0]
+        need_stats = stats_out is not None
+        valid = ids >= 0
+        z_sel = gather_logits(hidden, weight, bias, ids, temperature)
+        lse = entropy = None
+        if _math.needs_lse(variant, need_stats):
+            if n:
+                lse, entropy = logsumexp_sweep(hidden, weight, bias, temperature, need_stats)
+            else:
+                lse = torch.empty(0, dtype=torch.float32, device=hidden.device)
+                entropy = torch.empty_like(lse) if need_stats else None
+        loss, g, student_mass, teacher_mass = _math.slot_terms(variant, z_sel, lse, teacher_logprobs, valid)
+        if need_stats:
+            stats_out.update(kl=loss.detach(), student_topk_mass=student_mass, teacher_topk_mass=teacher_mass,
+                             entropy=entropy)
+        ctx.save_for_backward(hidden, weight, bias, ids, g, lse)
+        ctx.variant, ctx.temperature = variant, temperature
+        ctx.deterministic, ctx.filter_eps = deterministic, filter_eps
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        hidden, weight, bias, ids, g, lse = ctx.saved_tensors
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        need_b = need_b and bias is not None
+        n, hdim = hidden.shape
+        vocab = weight.shape[0]
+        dev = hidden.device
+        tau = ctx.temperature
+        g = g * grad_loss.float().unsqueeze(-1)                            # [N, K] upstream folded in
+        gs = (g / tau).contiguous()                                        # sparse coefficients on raw logits
+        dense = ctx.variant not in _math.NO_DENSE and n > 0
+        grad_h = torch.full_like(hidden, float("nan")) if need_h else None
+        gw32 = None
+        if need_w:
+            gw32 = torch.zeros(weight.shape, dtype=torch.float32, device=dev)
+        gb32 = torch.zeros(vocab, dtype=torch.float32, device=dev) if need_b else None
+        gh32 = None
+        if dense:
+            c = g.sum(-1).contiguous()                                     # dense coefficient per token
+            gh32 = torch.zeros((n, hdim), dtype=torch.float32, device=dev) if need_h else None
+            filt = ctx.filter_eps
+            if filt is None:
+                filt = default_filter_eps(hidden.dtype)
+            _dense_backward(hidden, weight, bias, lse, c, tau, gh32, gw32, gb32, ctx.deterministic, filt)
+        _sparse_backward(hidden, weight, ids, gs, gh32, grad_h, gw32, gb32, ctx.deterministic)
+        grad_w = None if gw32 is None else gw32.to(weight.dtype)
+        grad_b = None if gb32 is None else gb32.to(bias.dtype)
+        return grad_h, grad_w, grad_b, None, None, None, None, None, None, None
+
+
+def topk_rkl(hidden, weight, bias, ids, teacher_logprobs, variant, temperature, need_stats, *,
+             deterministic=False, filter_eps=None, **_options):
+    """Backend entry point (contract in ``opd_kernels.torch_backend``): ``(loss [N] float32, stats or None)``.
+
+    ``deterministic``: no atomics whose order changes results (bitwise repeatable gradients).
+    ``filter_eps``: backward skips tiles whose π (dense gradient relative to its row's scale) is below it;
+    None = ``default_filter_eps(dtype)``, 0 = no filtering.
+    """
+    stats = {} if need_stats else None
+    loss = TopKRKLTriton.apply(hidden, weight, bias, ids, teacher_logprobs, variant, float(temperature), stats,
+                               bool(deterministic), filter_eps)
+    return loss, stats
+
+
+# ------------------------------------------------------------------------------------------------- compile specs
+
+_TL = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
+
+
+def compile_specs(hidden_size: int, dtype=torch.bfloat16) -> list[CompileSpec]:
+    """The kernels at their production configurations (bf16 by default) for ``python -m opd_kernels.compile_check``."""
+    p = "*" + _TL[dtype]
+    prec = "ieee" if dtype != torch.float32 else "tf32"
+    specs = []
+    c = _PROD["fwd"]
+    for ent in (False, True):
+        specs.append(CompileSpec(
+            kernel=f"student_fwd_sweep{'_entropy' if ent else ''}", fn=_fwd_sweep_kernel,
+            signature=dict(h_ptr=p, w_ptr=p, b_ptr=p, m_ptr="*fp32", s_ptr="*fp32", e_ptr="*fp32", N="i32",
+                           V="i32", H="i32", inv_tau="fp32", tiles_per_split="i32", HAS_BIAS="constexpr",
+                           NEED_ENT="constexpr", BN="constexpr", BV="constexpr", BH="constexpr",
+                           DOT_PREC="constexpr"),
+            constexprs=dict(HAS_BIAS=True, NEED_ENT=ent, BN=c["BN"], BV=c["BV"], BH=c["BH"], DOT_PREC=prec),
+            num_warps=c["num_warps"], num_stages=c["num_stages"], has_matmul=True,
+            config=dict(BN=c["BN"], BV=c["BV"], BH=c["BH"], num_warps=c["num_warps"],
+                        num_stages=c["num_stages"], H=hidden_size)))
+    c = _PROD["bwd"]
+    for mode, flags in (("atomic", dict(COMPUTE_DH=True, COMPUTE_DW=True, COMPUTE_DB=True, ATOMIC=True)),
+                        ("det_dh", dict(COMPUTE_DH=True, COMPUTE_DW=False, COMPUTE_DB=False, ATOMIC=False)),
+                        ("det_dw", dict(COMPUTE_DH=False, COMPUTE_DW=True, COMPUTE_DB=True, ATOMIC=False))):
+        specs.append(CompileSpec(
+            kernel=f"student_bwd_dense_{mode}", fn=_bwd_dense_kernel,
+            signature=dict(h_ptr=p, w_ptr=p, b_ptr=p, lse_ptr="*fp32", c_ptr="*fp32", gh_ptr="*fp32",
+                           gw_ptr="*fp32", gb_ptr="*fp32", N="i32", V="i32", H="i32", inv_tau="fp32",
+                           filter_eps="fp32", row_blocks_per_prog="i32", n_row_blocks="i32",
+                           tiles_per_prog="i32", n_tiles="i32", gh_split_stride="i64",
+                           HAS_BIAS="constexpr", COMPUTE_DH="constexpr", COMPUTE_DW="constexpr",
+                           COMPUTE_DB="constexpr", ATOMIC="constexpr", FILTER="constexpr", BN="constexpr",
+                           BV="constexpr", BH="constexpr", DOT_PREC="constexpr"),
+            constexprs=dict(HAS_BIAS=True, FILTER=True, BN=c["BN"], BV=c["BV"], BH=c["BH"], DOT_PREC=prec,
+                            **flags),
+            num_warps=c["num_warps"], num_stages=c["num_stages"], has_matmul=True,
+            config=dict(BN=c["BN"], BV=c["BV"], BH=c["BH"], num_warps=c["num_warps"],
+                        num_stages=c["num_stages"], H=hidden_size)))
+    c = _PROD["gather"]
+    specs.append(CompileSpec(
+        kernel="student_gather_logits", fn=_gather_logits_kernel,
+        signature=dict(h_ptr=p, w_ptr=p, b_ptr=p, ids_ptr="*i64", out_ptr="*fp32", K="i32", H="i32",
+                       inv_tau="fp32", HAS_BIAS="constexpr", BK="constexpr", BH="constexpr"),
+        constexprs=dict(HAS_BIAS=True, BK=c["BK"], BH=c["BH"]),
+        num_warps=c["num_warps"], num_stages=c["num_stages"], has_matmul=False,
+        config=dict(BK=c["BK"], BH=c["BH"], num_warps=c["num_warps"], H=hidden_size)))
+    c = _PROD["sparse"]
+    for mode, atomic in (("atomic", True), ("det", False)):
+        specs.append(CompileSpec(
+            kernel=f"student_bwd_sparse_rows_{mode}", fn=_sparse_rows_kernel,
+            signature=dict(h_ptr=p, w_ptr=p, ids_ptr="*i64", g_ptr="*fp32", gh32_ptr="*fp32", gh_out_ptr=p,
+                           gw_ptr="*fp32", gb_ptr="*fp32", K="i32", H="i32", HAS_DENSE="constexpr",
+                           COMPUTE_DH="constexpr", ATOMIC_DW="constexpr", ATOMIC_DB="constexpr",
+                           BK="constexpr", BH="constexpr"),
+            constexprs=dict(HAS_DENSE=True, COMPUTE_DH=True, ATOMIC_DW=atomic, ATOMIC_DB=atomic, BK=c["BK"],
+                            BH=c["BH"]),
+            num_warps=c["num_warps"], num_stages=c["num_stages"], has_matmul=False,
+            config=dict(BK=c["BK"], BH=c["BH"], num_warps=c["num_warps"], H=hidden_size)))
+    c = _PROD["segments"]
+    specs.append(CompileSpec(
+        kernel="student_bwd_sparse_segments", fn=_sparse_segments_kernel,
+        signature=dict(h_ptr=p, sids_ptr="*i64", srows_ptr="*i32", sg_ptr="*fp32", send_ptr="*i64",
+                       gw_ptr="*fp32", gb_ptr="*fp32", H="i32", COMPUTE_DW="constexpr", COMPUTE_DB="constexpr",
+                       BE="constexpr", BH="constexpr"),
+        constexprs=dict(COMPUTE_DW=True, COMPUTE_DB=True, BE=c["BE"], BH=c["BH"]),
+        num_warps=c["num_warps"], num_stages=c["num_stages"], has_matmul=False,
+        config=dict(BE=c["BE"], BH=c["BH"], num_warps=c["num_warps"], H=hidden_size)))
+    return specs
