@@ -147,9 +147,11 @@ def _bwd_dense_kernel(h_ptr, w_ptr, b_ptr, lse_ptr, c_ptr, gh_ptr, gw_ptr, gb_pt
                       n_tiles, gh_split_stride,
                       HAS_BIAS: tl.constexpr, COMPUTE_DH: tl.constexpr, COMPUTE_DW: tl.constexpr,
                       COMPUTE_DB: tl.constexpr, ATOMIC: tl.constexpr, FILTER: tl.constexpr,
-                      BN: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr, DOT_PREC: tl.constexpr):
+                      BN: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr, BHG: tl.constexpr,
+                      DOT_PREC: tl.constexpr):
     """Dense gradient part dz = −c π / τ over the tiles of program (a, b): row blocks
-    [a·RB, (a+1)·RB) × vocabulary tiles [b·TP, (b+1)·TP).  grad_h goes to gh + b·gh_split_stride."""
+    [a·RB, (a+1)·RB) × vocabulary tiles [b·TP, (b+1)·TP).  grad_h goes to gh + b·gh_split_stride.
+    Logits use H chunks of BH, the two gradient matmuls chunks of BHG."""
     pa = tl.program_id(0)
     pb = tl.program_id(1)
     gh_base = gh_ptr + pb.to(tl.int64) * gh_split_stride
@@ -179,13 +181,13 @@ def _bwd_dense_kernel(h_ptr, w_ptr, b_ptr, lse_ptr, c_ptr, gh_ptr, gw_ptr, gb_pt
                     else:
                         tl.store(gb_ptr + cols, tl.load(gb_ptr + cols, mask=cmask, other=0.0) + db, mask=cmask)
                 dzc = dz.to(h_ptr.dtype.element_ty)
-                for k0 in range(0, H, BH):
-                    hk = k0 + tl.arange(0, BH).to(tl.int64)
+                for k0 in range(0, H, BHG):
+                    hk = k0 + tl.arange(0, BHG).to(tl.int64)
                     hmask = hk < H
                     if COMPUTE_DH:
                         wk = tl.load(w_ptr + cols[:, None] * H + hk[None, :],
-                                     mask=cmask[:, None] & hmask[None, :], other=0.0)       # [BV, BH]
-                        dh = tl.dot(dzc, wk, input_precision=DOT_PREC)                       # [BN, BH]
+                                     mask=cmask[:, None] & hmask[None, :], other=0.0)       # [BV, BHG]
+                        dh = tl.dot(dzc, wk, input_precision=DOT_PREC)                       # [BN, BHG]
                         gh_off = gh_base + rows[:, None] * H + hk[None, :]
                         gh_mask = rmask[:, None] & hmask[None, :]
                         if ATOMIC:
@@ -278,17 +280,28 @@ def _sparse_segments_kernel(h_ptr, sids_ptr, srows_ptr, sg_ptr, send_ptr, gw_ptr
 
 # ------------------------------------------------------------------------------------------------- configs
 
-#: Production tile configs (CUDA). Interpreter (CPU) runs use ``_INTERP`` (small tiles, many of them).
-_PROD = dict(
-    fwd=dict(BN=128, BV=128, BH=64, num_warps=8, num_stages=3),
-    bwd=dict(BN=128, BV=128, BH=64, num_warps=8, num_stages=2),
-    gather=dict(BK=32, BH=128, num_warps=4, num_stages=2),
-    sparse=dict(BK=32, BH=128, num_warps=4, num_stages=2),
-    segments=dict(BE=16, BH=256, num_warps=4, num_stages=2),
-)
+#: Production tile configs (CUDA) per architecture family (sm_90 Hopper, sm_80 Ampere/Ada); checked for
+#: zero spills and tensor-core matmuls by ``python -m opd_kernels.compile_check``. Interpreter (CPU) runs
+#: use ``_INTERP`` (small tiles, many of them).
+_PROD = {
+    90: dict(
+        fwd=dict(BN=128, BV=128, BH=64, num_warps=8, num_stages=3),
+        bwd=dict(BN=128, BV=128, BH=64, BHG=32, num_warps=8, num_stages=3),
+        gather=dict(BK=32, BH=128, num_warps=4, num_stages=2),
+        sparse=dict(BK=32, BH=128, num_warps=4, num_stages=2),
+        segments=dict(BE=16, BH=256, num_warps=4, num_stages=2),
+    ),
+    80: dict(
+        fwd=dict(BN=128, BV=128, BH=64, num_warps=8, num_stages=3),
+        bwd=dict(BN=128, BV=128, BH=64, BHG=16, num_warps=8, num_stages=2),
+        gather=dict(BK=32, BH=128, num_warps=4, num_stages=2),
+        sparse=dict(BK=32, BH=128, num_warps=4, num_stages=2),
+        segments=dict(BE=16, BH=256, num_warps=4, num_stages=2),
+    ),
+}
 _INTERP = dict(
     fwd=dict(BN=16, BV=64, BH=32, num_warps=4, num_stages=1),
-    bwd=dict(BN=16, BV=64, BH=32, num_warps=4, num_stages=1),
+    bwd=dict(BN=16, BV=64, BH=32, BHG=16, num_warps=4, num_stages=1),
     gather=dict(BK=4, BH=32, num_warps=4, num_stages=1),
     sparse=dict(BK=4, BH=32, num_warps=4, num_stages=1),
     segments=dict(BE=4, BH=32, num_warps=4, num_stages=1),
@@ -299,8 +312,15 @@ _OVERRIDES: dict = {}
 _DET_SPLIT_BYTES = 64 * 2**20
 
 
+def _arch_family(major: int) -> int:
+    return 90 if major >= 9 else 80
+
+
 def _cfg(name, device):
-    base = dict((_PROD if device.type == "cuda" else _INTERP)[name])
+    if device.type == "cuda":
+        base = dict(_PROD[_arch_family(torch.cuda.get_device_capability(device)[0])][name])
+    else:
+        base = dict(_INTERP[name])
     base.update(_OVERRIDES.get(name, {}))
     return base
 
@@ -392,7 +412,7 @@ def _dense_backward(hidden, weight, bias, lse, c, temperature, gh32, gw32, gb32,
     n_rb, n_tiles = triton.cdiv(n, bn), triton.cdiv(vocab, bv)
     filt = filter_eps is not None and filter_eps > 0
     common = dict(HAS_BIAS=bias is not None, FILTER=filt, DOT_PREC=_dot_prec(hidden.dtype),
-                  **_blocks(cfg, "BN", "BV", "BH"))
+                  **_blocks(cfg, "BN", "BV", "BH", "BHG"))
     args = (hidden, weight, bias if bias is not None else hidden, lse, c)
     dummy = lse
     scal = (n, vocab, hdim, 1.0 / temperature, float(filter_eps or 0.0))
@@ -535,12 +555,14 @@ def topk_rkl(hidden, weight, bias, ids, teacher_logprobs, variant, temperature, 
 _TL = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
-def compile_specs(hidden_size: int, dtype=torch.bfloat16) -> list[CompileSpec]:
-    """The kernels at their production configurations (bf16 by default) for ``python -m opd_kernels.compile_check``."""
+def compile_specs(hidden_size: int, arch: int = 90, dtype=torch.bfloat16) -> list[CompileSpec]:
+    """The kernels at their production configurations for ``arch`` (bf16 by default), for
+    ``python -m opd_kernels.compile_check``. H is a runtime argument (specialized as divisible by 16)."""
+    prod = _PROD[_arch_family(arch // 10)]
     p = "*" + _TL[dtype]
     prec = "ieee" if dtype != torch.float32 else "tf32"
     specs = []
-    c = _PROD["fwd"]
+    c = prod["fwd"]
     for ent in (False, True):
         specs.append(CompileSpec(
             kernel=f"student_fwd_sweep{'_entropy' if ent else ''}", fn=_fwd_sweep_kernel,
@@ -552,7 +574,7 @@ def compile_specs(hidden_size: int, dtype=torch.bfloat16) -> list[CompileSpec]:
             num_warps=c["num_warps"], num_stages=c["num_stages"], has_matmul=True,
             config=dict(BN=c["BN"], BV=c["BV"], BH=c["BH"], num_warps=c["num_warps"],
                         num_stages=c["num_stages"], H=hidden_size)))
-    c = _PROD["bwd"]
+    c = prod["bwd"]
     for mode, flags in (("atomic", dict(COMPUTE_DH=True, COMPUTE_DW=True, COMPUTE_DB=True, ATOMIC=True)),
                         ("det_dh", dict(COMPUTE_DH=True, COMPUTE_DW=False, COMPUTE_DB=False, ATOMIC=False)),
                         ("det_dw", dict(COMPUTE_DH=False, COMPUTE_DW=True, COMPUTE_DB=True, ATOMIC=False))):
@@ -564,13 +586,13 @@ def compile_specs(hidden_size: int, dtype=torch.bfloat16) -> list[CompileSpec]:
                            tiles_per_prog="i32", n_tiles="i32", gh_split_stride="i64",
                            HAS_BIAS="constexpr", COMPUTE_DH="constexpr", COMPUTE_DW="constexpr",
                            COMPUTE_DB="constexpr", ATOMIC="constexpr", FILTER="constexpr", BN="constexpr",
-                           BV="constexpr", BH="constexpr", DOT_PREC="constexpr"),
-            constexprs=dict(HAS_BIAS=True, FILTER=True, BN=c["BN"], BV=c["BV"], BH=c["BH"], DOT_PREC=prec,
-                            **flags),
+                           BV="constexpr", BH="constexpr", BHG="constexpr", DOT_PREC="constexpr"),
+            constexprs=dict(HAS_BIAS=True, FILTER=True, BN=c["BN"], BV=c["BV"], BH=c["BH"], BHG=c["BHG"],
+                            DOT_PREC=prec, **flags),
             num_warps=c["num_warps"], num_stages=c["num_stages"], has_matmul=True,
             config=dict(BN=c["BN"], BV=c["BV"], BH=c["BH"], num_warps=c["num_warps"],
                         num_stages=c["num_stages"], H=hidden_size)))
-    c = _PROD["gather"]
+    c = prod["gather"]
     specs.append(CompileSpec(
         kernel="student_gather_logits", fn=_gather_logits_kernel,
         signature=dict(h_ptr=p, w_ptr=p, b_ptr=p, ids_ptr="*i64", out_ptr="*fp32", K="i32", H="i32",
@@ -578,7 +600,7 @@ def compile_specs(hidden_size: int, dtype=torch.bfloat16) -> list[CompileSpec]:
         constexprs=dict(HAS_BIAS=True, BK=c["BK"], BH=c["BH"]),
         num_warps=c["num_warps"], num_stages=c["num_stages"], has_matmul=False,
         config=dict(BK=c["BK"], BH=c["BH"], num_warps=c["num_warps"], H=hidden_size)))
-    c = _PROD["sparse"]
+    c = prod["sparse"]
     for mode, atomic in (("atomic", True), ("det", False)):
         specs.append(CompileSpec(
             kernel=f"student_bwd_sparse_rows_{mode}", fn=_sparse_rows_kernel,
@@ -590,7 +612,7 @@ def compile_specs(hidden_size: int, dtype=torch.bfloat16) -> list[CompileSpec]:
                             BH=c["BH"]),
             num_warps=c["num_warps"], num_stages=c["num_stages"], has_matmul=False,
             config=dict(BK=c["BK"], BH=c["BH"], num_warps=c["num_warps"], H=hidden_size)))
-    c = _PROD["segments"]
+    c = prod["segments"]
     specs.append(CompileSpec(
         kernel="student_bwd_sparse_segments", fn=_sparse_segments_kernel,
         signature=dict(h_ptr=p, sids_ptr="*i64", srows_ptr="*i32", sg_ptr="*fp32", send_ptr="*i64",
