@@ -1,0 +1,1 @@
+"""Benchmarks: ``pytest benchmarks/`` measures memory, speed and error against the reference and peers."""

@@ -1,0 +1,135 @@
+"""pytest plumbing for ``pytest benchmarks/``: options, parametrization from the preset, session state and
+the report written at the end of the session.
+
+    pytest benchmarks/                          # preset by device: gpu with CUDA, else cpu
+    pytest benchmarks/ --preset quick           # CI smoke (< 1 minute on 2 cores)
+    pytest benchmarks/ --providers opd_torch,ref_eager --time-budget 300 --results-dir /tmp/r
+"""
+
+from __future__ import annotations
+
+import gc
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from . import presets as PR
+from . import providers as P
+
+_STATE = pytest.StashKey()
+
+
+def pytest_addoption(parser):
+    g = parser.getgroup("opd benchmarks")
+    g.addoption("--preset", choices=sorted(PR.PRESETS), default=None,
+                help="shape preset (default: gpu when CUDA is available, else cpu)")
+    g.addoption("--results-dir", default=None,
+                help="where results.json/.md and the plots go (default: benchmarks/results/<preset>; "
+                     "quick: .benchmarks/opd-quick)")
+    g.addoption("--providers", default=None, help="comma-separated provider names to run (default: all)")
+    g.addoption("--time-budget", type=float, default=0.0,
+                help="seconds; once spent, the remaining benchmarks are skipped (0 = no budget)")
+    g.addoption("--threads", type=int, default=1,
+                help="CPU presets: torch intra-op threads (default 1: on a shared machine OpenMP barrier "
+                     "waits make multi-threaded timings of small ops meaningless)")
+
+
+class BenchSession:
+    def __init__(self, config):
+        self.config = config
+        self.preset_name = config.getoption("preset") or PR.default_preset()
+        self.preset = dict(PR.PRESETS[self.preset_name], name=self.preset_name)
+        default_dir = (Path(".benchmarks") / "opd-quick" if self.preset_name == "quick"
+                       else Path(__file__).parent / "results" / self.preset_name)
+        self.results_dir = Path(config.getoption("results_dir") or default_dir)
+        only = config.getoption("providers")
+        self.only = None if not only else set(only.split(","))
+        self.budget = config.getoption("time_budget")
+        if self.preset["device"] == "cpu":
+            self.preset["threads"] = config.getoption("threads")
+            torch.set_num_threads(self.preset["threads"])
+        self.t0 = time.monotonic()
+        self.rows = []
+        self.ctx = {}                  # compiled functions shared across shapes
+        self._inputs = None
+        self._truths = {}
+
+    # inputs and truths are cached for the current problem only (GPU memory)
+    def inputs(self, spec):
+        if self._inputs is None or self._inputs.spec.key() != spec.key():
+            self._inputs, self._truths = None, {}
+            gc.collect()
+            if spec.device == "cuda":
+                torch.cuda.empty_cache()
+            self._inputs = P.make_inputs(spec)
+        return self._inputs
+
+    def truth(self, inp, objective):
+        if objective not in self._truths:
+            self._truths[objective] = P.truth(inp, objective)
+        return self._truths[objective]
+
+    def over_budget(self):
+        return self.budget > 0 and time.monotonic() - self.t0 > self.budget
+
+    def record(self, row):
+        self.rows.append(row)
+        self.results_dir.mkdir(parents=True, exist_ok=True)
+        from .report import append_jsonl
+        append_jsonl(self.results_dir / "results.jsonl", row, first=len(self.rows) == 1)
+
+
+def _session(config) -> BenchSession:
+    if _STATE not in config.stash:
+        config.stash[_STATE] = BenchSession(config)
+    return config.stash[_STATE]
+
+
+def pytest_generate_tests(metafunc):
+    if "bench_case" not in metafunc.fixturenames:
+        return
+    s = _session(metafunc.config)
+    p = s.preset
+    if metafunc.function.__name__ == "test_teacher":
+        cases = PR.teacher_cases(p)
+        sweep_set = None
+    else:
+        cases = PR.student_cases(p)
+        sweep_set = {("stopgrad", v, n) for v in p["sweep_vocab"] for n in p["sweep_n"]}
+    params, ids = [], []
+    for case in cases:
+        names = P.providers_for(case[0], sweep=sweep_set is not None and case in sweep_set)
+        for name in names:
+            if s.only and name not in s.only:
+                continue
+            params.append((*case, name))
+            ids.append(f"{case[0]}-V{case[1]}-N{case[2]}-{name}")
+    metafunc.parametrize("bench_case", params, ids=ids)
+
+
+@pytest.fixture(scope="session")
+def bench(request):
+    return _session(request.config)
+
+
+def pytest_sessionfinish(session, exitstatus):
+    s = session.config.stash.get(_STATE, None)
+    if s is None or not s.rows:
+        return
+    from .report import write_report
+    s.report_paths = write_report(s.rows, s.results_dir, preset=s.preset, argv=sys.argv)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    s = config.stash.get(_STATE, None)
+    if s is None or not s.rows:
+        return
+    from .report import summary_markdown
+    tr = terminalreporter
+    tr.section("opd_kernels benchmark summary")
+    tr.write_line(summary_markdown(s.rows))
+    for path in getattr(s, "report_paths", []):
+        tr.write_line(f"wrote {path}")
