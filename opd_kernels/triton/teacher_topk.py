@@ -1,0 +1,394 @@
+"""Fused teacher top-K: ``z = (h Wᵀ + b) / τ`` → top-k ids, log-probs ``z − lse``, ``lse`` and optional
+token log-probs, in one sweep over the vocabulary without ``[N, V]`` logits.
+
+Sweep kernel, grid ``(row blocks, vocab splits)``: each program walks the vocabulary tiles of its split,
+
+- ``z_tile = (h_blk @ W_tileᵀ + b) / τ`` with ``tl.dot`` (fp32 accumulation)          # [BN, BV]
+- online log-sum-exp in base 2: ``m ← max(m, max z₂)``, ``s ← s·2^(m_old−m) + Σ 2^(z₂−m)``, ``z₂ = z·log₂e``
+- running top-K on packed int64 keys ``(ord(z) << 32) | (2³¹−1 − id)`` where ``ord`` is the order-preserving
+  int32 image of the float, so one integer comparison orders by value and, on ties, prefers the lower id.
+  ``best`` (ascending, ``KP = next_pow2(k)`` keys per row) is merged with the tile's descending top-KP:
+  ``max(best_asc, tile_desc)`` holds the top-KP of the union as a bitonic sequence, and one bitonic merge
+  sorts it. A tile whose keys all lie below every row's current k-th key is skipped. Ignored and
+  out-of-range ids get the smallest key (never selected); ignored ids still enter the log-sum-exp.
+
+Partial ``(m, s, best)`` per split are merged in PyTorch on ``O(N · splits · KP)`` data (a top-k over unique
+integer keys: deterministic). Token log-probs come from a small gathered-dot-product kernel.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import types
+
+import torch
+import triton
+import triton.language as tl
+
+from ._compile import CompileSpec
+
+_LOG2E = 1.4426950408889634
+_LN2 = 0.6931471805599453
+_MAX_K = 256
+_TL = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+def _fix_interpreter_index():
+    """Under TRITON_INTERPRET=1, Triton 3.6 turns scalar tensors (1-element arrays) into loop bounds with
+    ``int(array)``, which NumPy ≥ 2.4 rejects; route ``__index__`` through the first element instead.
+    Idempotent and shared with the other kernel modules (same marker); no effect on compiled kernels."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return
+    try:
+        from triton.runtime import interpreter as interp
+    except ImportError:                                                 # pragma: no cover
+        return
+    orig = getattr(interp, "_patch_lang_tensor", None)
+    if orig is None or getattr(orig, "_opd_fixed", False):
+        return
+
+    def patched(tensor, scope):
+        orig(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
+
+    patched._opd_fixed = True
+    interp._patch_lang_tensor = patched
+
+
+def _fast_interpreter_xor_reduce():
+    """The interpreter reduces with custom combine functions one element at a time in Python; ``tl.topk``,
+    ``tl.bitonic_merge`` and ``tl.flip`` exchange partners through ``xor_sum`` reductions, which makes a
+    sort of one tile take seconds. Route ``_xor_combine`` reductions to ``numpy.bitwise_xor.reduce``
+    (same result, interpreter only; compiled kernels are unaffected)."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return
+    try:
+        import numpy as np
+        from triton.language import standard
+        from triton.runtime import interpreter as interp
+    except ImportError:                                                 # pragma: no cover
+        return
+    ops = getattr(interp, "ReduceOps", None)
+    combine = getattr(standard, "_xor_combine", None)
+    if ops is None or combine is None or getattr(ops.apply_impl, "_opd_xor", False):
+        return
+    orig = ops.apply_impl
+
+    def apply_impl(self, input):
+        if self.combine_fn == combine and len(input) == 1 and self.axis is not None:
+            data = input[0].handle.data
+            return self.to_tensor(np.bitwise_xor.reduce(data, axis=self.axis, keepdims=self.keep_dims),
+                                  input[0].dtype)
+        return orig(self, input)
+
+    apply_impl._opd_xor = True
+    ops.apply_impl = apply_impl
+
+
+def _fix_interpreter_bf16_dot():
+    """The interpreter keeps bf16 blocks as raw uint16 bits and hands them to ``np.matmul`` in ``tl.dot``:
+    widen bf16 operands to fp32 first (exact; the GPU also multiplies bf16 exactly, accumulating in fp32).
+    Same marker as the other kernel modules' fix, so only one wrapper is ever installed."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return
+    try:
+        import numpy as np
+        from triton.runtime import interpreter as interp
+    except ImportError:                                                 # pragma: no cover
+        return
+    builder = getattr(interp, "InterpreterBuilder", None)
+    orig = getattr(builder, "create_dot", None)
+    if orig is None or getattr(orig, "_opd_fixed", False):
+        return
+
+    def widen(x):
+        if x.dtype.scalar == tl.bfloat16:
+            bits = x.data.astype(np.uint32) << np.uint32(16)
+            return interp.TensorHandle(bits.view(np.float32), tl.float32)
+        return x
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        return orig(self, widen(a), widen(b), d, input_precision, max_num_imprecise_acc)
+
+    create_dot._opd_fixed = True
+    builder.create_dot = create_dot
+
+
+_fix_interpreter_index()
+_fast_interpreter_xor_reduce()
+_fix_interpreter_bf16_dot()
+
+
+# ---------------------------------------------------------------------------------------------- kernels
+
+@triton.jit
+def _pack_keys(z, cols, selectable):
+    """int64 keys ordered like ``(z, −col)``; non-selectable entries get the minimum int64."""
+    bits = z.to(tl.int32, bitcast=True)
+    ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)                       # signed order == float order
+    low = (0x7FFFFFFF - cols).to(tl.int64)                             # lower id → larger key
+    key = (ordered.to(tl.int64) << 32) | low
+    return tl.where(selectable, key, -9223372036854775807 - 1)
+
+
+@triton.jit
+def _teacher_sweep_kernel(h_ptr, w_ptr, b_ptr, ign_ptr, m_ptr, s_ptr, key_ptr,
+                          N, V, H, inv_tau, tiles_per_split, K_SEL,
+                          HAS_BIAS: tl.constexpr, HAS_IGNORE: tl.constexpr, KP: tl.constexpr,
+                          BN: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr, EVEN_H: tl.constexpr,
+                          DOT_PREC: tl.constexpr):
+    """Program (row block, split): online (m, s) in base 2 and the top-KP keys (ascending) of its columns."""
+    pid_n = tl.program_id(0)
+    pid_s = tl.program_id(1)
+    n_splits = tl.num_programs(1)
+    rows = pid_n * BN + tl.arange(0, BN)                               # [BN]
+    row_ok = rows < N
+    rows64 = rows.to(tl.int64)
+    offs_h = tl.arange(0, BH)                                          # [BH]
+    offs_v = tl.arange(0, BV)                                          # [BV]
+    kcol = tl.arange(0, KP)                                            # [KP]
+
+    m = tl.full([BN], -1.0e30, tl.float32)                             # running max of z·log2(e)
+    s = tl.zeros([BN], tl.float32)                                     # Σ 2^(z₂ − m)
+    best = tl.full([BN, KP], -9223372036854775807 - 1, tl.int64)       # ascending keys
+    min_key = tl.full([BN], -9223372036854775807 - 1, tl.int64)        # current k-th largest key
+
+    t0 = pid_s * tiles_per_split
+    for i in range(0, tiles_per_split):
+        cols = (t0 + i) * BV + offs_v                                         # [BV]
+        col_ok = cols < V
+        cols64 = cols.to(tl.int64)
+        acc = tl.zeros([BN, BV], tl.float32)
+        for k0 in range(0, H, BH):
+            hk = k0 + offs_h
+            if EVEN_H:
+                h_mask = row_ok[:, None]
+                w_mask = col_ok[None, :]
+            else:
+                h_mask = row_ok[:, None] & (hk[None, :] < H)
+                w_mask = col_ok[None, :] & (hk[:, None] < H)
+            h_tile = tl.load(h_ptr + rows64[:, None] * H + hk[None, :], mask=h_mask, other=0.0)    # [BN, BH]
+            w_tile = tl.load(w_ptr + cols64[None, :] * H + hk[:, None], mask=w_mask, other=0.0)    # [BH, BV]
+            acc = tl.dot(h_tile, w_tile, acc, input_precision=DOT_PREC)
+        if HAS_BIAS:
+            b = tl.load(b_ptr + cols64, mask=col_ok, other=0.0).to(tl.float32)                    # [BV]
+            acc = acc + b[None, :]
+        z = acc * inv_tau                                              # [BN, BV]
+        z = tl.where(col_ok[None, :], z, float("-inf"))
+
+        # online log-sum-exp (base 2)
+        z2 = z * 1.4426950408889634
+        m_new = tl.maximum(m, tl.max(z2, axis=1))
+        s = s * tl.exp2(m - m_new) + tl.sum(tl.exp2(z2 - m_new[:, None]), axis=1)
+        m = m_new
+
+        # running top-K
+        sel = col_ok[None, :] & row_ok[:, None]
+        if HAS_IGNORE:
+            ign = tl.load(ign_ptr + cols64, mask=col_ok, other=1)                                 # [BV] int8
+            sel = sel & (ign == 0)[None, :]
+        keys = _pack_keys(z, cols[None, :], sel)                       # [BN, BV]
+        hit = tl.max(tl.max((keys > min_key[:, None]).to(tl.int32), axis=1), axis=0)
+        if hit > 0:
+            if KP == 1:
+                best = tl.maximum(best, tl.max(keys, axis=1, keep_dims=True))
+            else:
+                top = tl.topk(keys, KP, dim=1)                         # [BN, KP] descending
+                best = tl.bitonic_merge(tl.maximum(best, top), dim=1, descending=False)
+            # k-th largest of the ascending list sits at KP − k
+            min_key = tl.sum(tl.where(kcol[None, :] == KP - K_SEL, best, 0), axis=1)
+
+    out = pid_s.to(tl.int64) * N + rows64                              # [BN] offsets into [S, N]
+    tl.store(m_ptr + out, m, mask=row_ok)
+    tl.store(s_ptr + out, s, mask=row_ok)
+    tl.store(key_ptr + out[:, None] * KP + kcol[None, :], best, mask=row_ok[:, None])
+
+
+@triton.jit
+def _token_logit_kernel(h_ptr, w_ptr, b_ptr, tok_ptr, out_ptr, N, H, inv_tau,
+                        HAS_BIAS: tl.constexpr, BN: tl.constexpr, BH: tl.constexpr):
+    """``out_n = (h_n · W[x_n] + b[x_n]) / τ`` for given token ids (fp32 accumulation)."""
+    rows = tl.program_id(0) * BN + tl.arange(0, BN)                    # [BN]
+    row_ok = rows < N
+    rows64 = rows.to(tl.int64)
+    tok = tl.load(tok_ptr + rows64, mask=row_ok, other=0)              # [BN] int64
+    acc = tl.zeros([BN, BH], tl.float32)
+    for k0 in range(0, H, BH):
+        hk = k0 + tl.arange(0, BH)
+        mask = row_ok[:, None] & (hk[None, :] < H)
+        hv = tl.load(h_ptr + rows64[:, None] * H + hk[None, :], mask=mask, other=0.0).to(tl.float32)
+        wv = tl.load(w_ptr + tok[:, None] * H + hk[None, :], mask=mask, other=0.0).to(tl.float32)
+        acc += hv * wv                                                 # [BN, BH]
+    zt = tl.sum(acc, axis=1)
+    if HAS_BIAS:
+        zt += tl.load(b_ptr + tok, mask=row_ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + rows64, zt * inv_tau, mask=row_ok)
+
+
+# ---------------------------------------------------------------------------------------------- launcher
+
+def _next_pow2(x: int) -> int:
+    return 1 << max(0, (int(x) - 1).bit_length())
+
+
+def _config(kp: int, dtype: torch.dtype, interpret: bool) -> dict:
+    """Tile sizes: BV ≥ KP (the tile's top-KP needs KP candidates); warps sized so keys stay in registers."""
+    if interpret:
+        return dict(BN=32, BV=max(64, kp), BH=64, num_warps=4, num_stages=1)
+    if kp <= 64:
+        return dict(BN=64, BV=128, BH=64, num_warps=8, num_stages=3)
+    if kp <= 128:
+        return dict(BN=64, BV=128, BH=64, num_warps=8, num_stages=3)
+    return dict(BN=64, BV=256, BH=64, num_warps=16, num_stages=3)
+
+
+def _num_sms(device) -> int:
+    if device.type == "cuda":
+        return torch.cuda.get_device_properties(device).multi_processor_count
+    return 132
+
+
+def _choose_splits(row_blocks: int, n_tiles: int, sms: int) -> int:
+    """Smallest split count whose grid fills the SMs best (wave efficiency), at most 8 waves deep."""
+    hi = max(1, min(n_tiles, -(-8 * sms // row_blocks)))
+    lo = max(1, min(hi, -(-sms // row_blocks)))
+    best, best_eff = lo, -1.0
+    for s in range(lo, hi + 1):
+        p = row_blocks * s
+        eff = p / (-(-p // sms) * sms)
+        if eff > best_eff + 0.02:
+            best, best_eff = s, eff
+    return best
+
+
+def _decode_keys(keys: torch.Tensor):
+    """int64 keys → (ids int64, z float32)."""
+    ids = 0x7FFFFFFF - (keys & 0xFFFFFFFF)
+    hi = (keys >> 32).to(torch.int32)
+    bits = hi ^ ((hi >> 31) & 0x7FFFFFFF)
+    return ids, bits.view(torch.float32)
+
+
+def teacher_topk(hidden, weight, bias, k, temperature, ignore_ids, token_ids, *, splits=None, block_n=None,
+                 block_v=None, block_h=None, **_options):
+    """Backend entry (contract in ``opd_kernels.api``): ``(ids [N,k], logprobs [N,k], lse [N], token_lp)``.
+
+    ``splits`` / ``block_*`` override the launch configuration (tests); other options are ignored."""
+    n, h_dim = hidden.shape
+    vocab = weight.shape[0]
+    dev = hidden.device
+    k = int(k)
+    if not 1 <= k <= _MAX_K:
+        raise ValueError(f"k must be in [1, {_MAX_K}] for the Triton teacher kernel, got {k}")
+    kp = _next_pow2(k)
+    interpret = dev.type != "cuda"
+    cfg = _config(kp, hidden.dtype, interpret)
+    if block_n is not None:
+        cfg["BN"] = block_n
+    if block_v is not None:
+        cfg["BV"] = block_v
+    if block_h is not None:
+        cfg["BH"] = block_h
+    if cfg["BV"] < kp:
+        raise ValueError(f"block_v ({cfg['BV']}) must be ≥ next_pow2(k) = {kp}")
+
+    ids = torch.full((n, k), -1, dtype=torch.long, device=dev)
+    logprobs = torch.full((n, k), float("nan"), dtype=torch.float32, device=dev)
+    lse = torch.full((n,), float("nan"), dtype=torch.float32, device=dev)
+    token_lp = None if token_ids is None else torch.full((n,), float("nan"), dtype=torch.float32, device=dev)
+    if n == 0:
+        return ids, logprobs, lse, token_lp
+
+    hidden = hidden.contiguous()
+    weight = weight.contiguous()
+    bias = None if bias is None else bias.contiguous()
+    inv_tau = 1.0 / float(temperature)
+    ign = None
+    if ignore_ids is not None and ignore_ids.numel():
+        ign = torch.zeros(vocab, dtype=torch.int8, device=dev)
+        ign[ignore_ids.to(device=dev, dtype=torch.long)] = 1
+
+    bn, bv, bh = cfg["BN"], cfg["BV"], cfg["BH"]
+    row_blocks = triton.cdiv(n, bn)
+    n_tiles = triton.cdiv(vocab, bv)
+    if splits is None:
+        splits = _choose_splits(row_blocks, n_tiles, _num_sms(dev))
+    splits = max(1, min(int(splits), n_tiles))
+    tiles_per_split = triton.cdiv(n_tiles, splits)
+    splits = triton.cdiv(n_tiles, tiles_per_split)                      # every split non-empty
+
+    part_m = torch.full((splits, n), float("nan"), dtype=torch.float32, device=dev)
+    part_s = torch.full((splits, n), float("nan"), dtype=torch.float32, device=dev)
+    part_k = torch.empty((splits, n, kp), dtype=torch.long, device=dev)
+    dummy = hidden
+    _teacher_sweep_kernel[(row_blocks, splits)](
+        hidden, weight, dummy if bias is None else bias, dummy if ign is None else ign,
+        part_m, part_s, part_k, n, vocab, h_dim, inv_tau, tiles_per_split, k,
+        HAS_BIAS=bias is not None, HAS_IGNORE=ign is not None, KP=kp, BN=bn, BV=bv, BH=bh,
+        EVEN_H=h_dim % bh == 0, DOT_PREC="ieee" if hidden.dtype == torch.float32 else "tf32",
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+
+    # merge the splits: lse = log Σ_s s_s 2^(m_s) ; top-k of all partial keys (unique → deterministic)
+    m_max = part_m.max(dim=0).values                                    # [N]
+    total = (part_s * torch.exp2(part_m - m_max)).sum(dim=0)
+    lse.copy_((m_max + torch.log2(total)) * _LN2)
+    cand = part_k.permute(1, 0, 2).reshape(n, splits * kp)
+    top = cand.topk(k, dim=1).values                                   # [N, k] descending, unique keys
+    top_ids, top_z = _decode_keys(top)
+    ids.copy_(top_ids)
+    logprobs.copy_(top_z - lse[:, None])
+
+    if token_ids is not None:
+        tz = torch.full((n,), float("nan"), dtype=torch.float32, device=dev)
+        tbn = 16
+        _token_logit_kernel[(triton.cdiv(n, tbn),)](
+            hidden, weight, dummy if bias is None else bias, token_ids.contiguous(), tz, n, h_dim, inv_tau,
+            HAS_BIAS=bias is not None, BN=tbn, BH=64 if interpret else 128, num_warps=4)
+        token_lp.copy_(tz - lse)
+    return ids, logprobs, lse, token_lp
+
+
+# ---------------------------------------------------------------------------------------------- compile check
+
+def compile_specs(hidden_size: int, dtype=torch.bfloat16) -> list[CompileSpec]:
+    """Sweep kernels at production configs for k ∈ {1, 20, 64, 128, 256} and the token kernel (bf16)."""
+    p = "*" + _TL[dtype]
+    prec = "ieee" if dtype == torch.float32 else "tf32"
+    even = hidden_size % 64 == 0
+    specs = []
+    for k in (1, 20, 64, 128, 256):
+        kp = _next_pow2(k)
+        c = _config(kp, dtype, interpret=False)
+        specs.append(CompileSpec(
+            kernel=f"teacher_sweep_k{k}", fn=_teacher_sweep_kernel,
+            signature=dict(h_ptr=p, w_ptr=p, b_ptr=p, ign_ptr="*i8", m_ptr="*fp32", s_ptr="*fp32",
+                           key_ptr="*i64", N="i32", V="i32", H="i32", inv_tau="fp32", tiles_per_split="i32",
+                           K_SEL="i32", HAS_BIAS="constexpr", HAS_IGNORE="constexpr", KP="constexpr",
+                           BN="constexpr", BV="constexpr", BH="constexpr", EVEN_H="constexpr",
+                           DOT_PREC="constexpr"),
+            constexprs=dict(HAS_BIAS=False, HAS_IGNORE=True, KP=kp, BN=c["BN"], BV=c["BV"], BH=c["BH"],
+                            EVEN_H=even and hidden_size % c["BH"] == 0, DOT_PREC=prec),
+            num_warps=c["num_warps"], num_stages=c["num_stages"], has_matmul=True,
+            config=dict(k=k, KP=kp, BN=c["BN"], BV=c["BV"], BH=c["BH"], num_warps=c["num_warps"],
+                        num_stages=c["num_stages"], H=hidden_size)))
+    specs.append(CompileSpec(
+        kernel="teacher_token_logit", fn=_token_logit_kernel,
+        signature=dict(h_ptr=p, w_ptr=p, b_ptr=p, tok_ptr="*i64", out_ptr="*fp32", N="i32", H="i32",
+                       inv_tau="fp32", HAS_BIAS="constexpr", BN="constexpr", BH="constexpr"),
+        constexprs=dict(HAS_BIAS=False, BN=16, BH=128), num_warps=4, num_stages=1, has_matmul=False,
+        config=dict(BN=16, BH=128, H=hidden_size)))
+    return specs
+
+
+# ---------------------------------------------------------------------------------------------- name clash shim
+
+class _CallableModule(types.ModuleType):
+    """Importing this module binds ``opd_kernels.triton.teacher_topk`` to the module, shadowing the package's
+    lazy ``teacher_topk`` function; calling the module forwards to the backend function so both spellings work."""
+
+    def __call__(self, *args, **kwargs):
+        return teacher_topk(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -1,0 +1,170 @@
+"""Triton teacher top-K (``opd_kernels.triton.teacher_topk``) against the float64 reference.
+
+Runs under TRITON_INTERPRET=1 on CPU (tests/conftest.py); sizes are small but cross several row blocks, vocab
+tiles and splits with remainders.
+"""
+
+import pytest
+import torch
+
+import opd_kernels as ok
+from reference import teacher as RT
+from tests.utils import assert_close
+
+TT = pytest.importorskip("opd_kernels.triton.teacher_topk")
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _problem(n=37, h=96, v=1007, *, seed=0, dtype=torch.float32, with_bias=True):
+    g = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(n, h, generator=g, dtype=torch.float64)
+    weight = torch.randn(v, h, generator=g, dtype=torch.float64) * (2.0 / h ** 0.5)
+    bias = torch.randn(v, generator=g, dtype=torch.float64) * 0.5 if with_bias else None
+    cast = lambda x: None if x is None else x.to(dtype).to(DEV)             # noqa: E731
+    return cast(hidden), cast(weight), cast(bias)
+
+
+def _ref_logits(hidden, weight, bias, temperature):
+    z = hidden.double() @ weight.double().T
+    if bias is not None:
+        z = z + bias.double()
+    return z / temperature                                                  # [N, V] float64
+
+
+def _check_ids(ids, z, k, ignore, gap_tol=1e-4):
+    """ids are k distinct selectable ids whose exact logits are the k largest (in order); where the sorted
+    logits are separated by more than ``gap_tol`` (no near-tie at fp32 resolution), they equal torch.topk's."""
+    n, v = z.shape
+    assert ids.shape == (n, k) and ids.dtype == torch.long
+    assert bool(((ids >= 0) & (ids < v)).all()), "id out of range"
+    assert bool((ids.sort(1).values.diff(dim=1) != 0).all()), "duplicate id in a row"
+    sel = z.clone()
+    if ignore is not None:
+        assert not bool(torch.isin(ids, ignore.cpu()).any()), "an ignored id was selected"
+        sel[:, ignore.cpu()] = float("-inf")
+    ref_vals, ref_ids = sel.topk(k + 1 if k < v else k, dim=1)
+    ours = z.gather(1, ids)
+    scale = z.abs().max().item()
+    assert (ours - ref_vals[:, :k]).abs().max().item() <= 1e-5 * scale, "selected logits are not the top-k"
+    gaps = ref_vals[:, :-1] - ref_vals[:, 1:]                               # [N, k] (or k-1)
+    sep = torch.ones(n, k, dtype=torch.bool)
+    sep[:, : gaps.shape[1]] &= gaps[:, :k] > gap_tol * scale
+    sep[:, 1:] &= gaps[:, : k - 1] > gap_tol * scale
+    assert sep.float().mean() > 0.5, "test data is full of near-ties"
+    assert bool((ids[sep] == ref_ids[:, :k][sep]).all()), "ids differ from torch.topk where there is no tie"
+
+
+def _run_and_check(hidden, weight, bias, k, *, temperature=1.0, ignore=None, tokens=True, **launch):
+    n, v = hidden.shape[0], weight.shape[0]
+    tok = torch.randint(0, v, (n,), generator=torch.Generator().manual_seed(k)).to(DEV) if tokens else None
+    ign = None if ignore is None else torch.as_tensor(ignore, dtype=torch.long, device=DEV)
+    ids, lp, lse, tlp = TT.teacher_topk(hidden, weight, bias, k, temperature, ign, tok, **launch)
+    z = _ref_logits(hidden.cpu(), weight.cpu(), None if bias is None else bias.cpu(), temperature)
+    ref_lse = z.logsumexp(-1)
+    _check_ids(ids.cpu(), z, k, ign)
+    assert lp.dtype == torch.float32 and lse.dtype == torch.float32
+    # log-probs of the returned ids, lse and token log-probs at fp32 rounding of the logits
+    assert_close("lse", lse.cpu(), ref_lse, 1e-6)
+    assert_close("logprobs", lp.cpu(), z.gather(1, ids.cpu()) - ref_lse[:, None], 1e-5)
+    assert bool((lp[:, :-1] >= lp[:, 1:]).all()), "log-probs not sorted descending"
+    if tokens:
+        ref_tok = z.gather(1, tok.cpu()[:, None])[:, 0] - ref_lse
+        assert_close("token_logprobs", tlp.cpu(), ref_tok, 1e-5)
+    else:
+        assert tlp is None
+    return ids, lp, lse, tlp
+
+
+@pytest.mark.parametrize("k", [1, 5, 20, 64, 128])
+def test_fp32_bias_temperature_ignore(k):
+    hidden, weight, bias = _problem(seed=k)
+    ignore = [3, 250, 1006]
+    # make the ignored ids the most likely ones: they would win every row if not ignored
+    bias[ignore] = 50.0
+    z = _ref_logits(hidden, weight, bias, 0.7)
+    assert bool(torch.isin(z.topk(k, 1).indices[:, 0], torch.tensor(ignore)).all())
+    _run_and_check(hidden, weight, bias, k, temperature=0.7, ignore=ignore)
+
+
+@pytest.mark.parametrize("launch", [dict(splits=1, block_n=16, block_v=64),
+                                    dict(splits=5, block_n=16, block_v=64, block_h=32),
+                                    dict(splits=40, block_n=64, block_v=128),
+                                    dict(splits=2, block_n=32, block_v=256, block_h=128)])
+def test_splits_and_blocks(launch):
+    hidden, weight, bias = _problem(seed=11)
+    _run_and_check(hidden, weight, bias, 7, temperature=1.3, ignore=[0, 500], **launch)
+
+
+@pytest.mark.parametrize("order", ["front", "back"])
+def test_tile_skipping(order):
+    """Logits sorted by id: with the winners in the first tiles, every later tile is skipped (stale entries
+    below the k-th key must not leak); with them in the last tiles, every tile merges."""
+    hidden, weight, _ = _problem(n=20, seed=5)
+    ramp = torch.linspace(30.0, 0.0, weight.shape[0], device=DEV)
+    bias = ramp if order == "front" else ramp.flip(0)
+    _run_and_check(hidden, weight, bias, 5, splits=3, block_v=64)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_inputs(dtype):
+    hidden, weight, bias = _problem(n=29, h=80, v=611, seed=3, dtype=dtype)
+    _run_and_check(hidden, weight, None, 20)
+    _run_and_check(hidden, weight, bias, 9, temperature=0.5, ignore=[7], splits=3)
+
+
+def test_even_hidden_and_no_tokens():
+    hidden, weight, bias = _problem(n=33, h=128, v=517, seed=8)
+    _run_and_check(hidden, weight, bias, 16, tokens=False, block_h=64)
+
+
+def test_ties_prefer_lower_id():
+    hidden, weight, _ = _problem(n=9, h=32, v=300, seed=2)
+    bias = torch.full((300,), -5.0, device=DEV)
+    winners = torch.tensor([250, 17, 140, 99], device=DEV)
+    weight[winners] = weight[17].clone()                  # identical rows → bitwise identical logits
+    bias[winners] = 20.0
+    ids, lp, _, _ = TT.teacher_topk(hidden, weight, bias, 4, 1.0, None, None, splits=3, block_v=64)
+    assert bool((ids.cpu() == torch.tensor([17, 99, 140, 250])).all())
+    assert bool((lp[:, 0] == lp[:, 3]).all())
+
+
+def test_empty_rows():
+    hidden, weight, bias = _problem(n=0, seed=1)
+    ids, lp, lse, tlp = TT.teacher_topk(hidden, weight, bias, 5, 1.0, None,
+                                        torch.zeros(0, dtype=torch.long, device=DEV))
+    assert ids.shape == (0, 5) and lp.shape == (0, 5) and lse.shape == (0,) and tlp.shape == (0,)
+
+
+def test_public_api_leading_dims():
+    g = torch.Generator().manual_seed(4)
+    hidden, weight, bias = _problem(n=3 * 11, h=64, v=433, seed=4)
+    hidden = hidden.reshape(3, 11, 64)
+    tok = torch.randint(0, 433, (3, 11), generator=g).to(DEV)
+    ours = ok.teacher_topk(hidden, weight, 12, bias=bias, temperature=0.8, ignore_ids=[5, 6], token_ids=tok,
+                           backend="triton")
+    ref = RT.teacher_topk(hidden.double(), weight.double(), 12, bias=bias.double(), temperature=0.8,
+                          ignore_ids=[5, 6], token_ids=tok)
+    assert ours.ids.shape == (3, 11, 12) and ours.lse.shape == (3, 11) and ours.token_logprobs.shape == (3, 11)
+    z = _ref_logits(hidden.reshape(-1, 64), weight, bias, 0.8)
+    _check_ids(ours.ids.reshape(-1, 12).cpu(), z, 12, torch.tensor([5, 6]))
+    assert_close("logprobs", ours.logprobs.cpu(), ref.logprobs, 1e-5)
+    assert_close("lse", ours.lse.cpu(), ref.lse, 1e-6)
+    assert_close("token_logprobs", ours.token_logprobs.cpu(), ref.token_logprobs, 1e-5)
+
+
+def test_launcher_rejects_unsupported_k():
+    hidden, weight, bias = _problem(n=4, h=16, v=600, seed=1)
+    with pytest.raises(ValueError, match="k"):
+        TT.teacher_topk(hidden, weight, bias, 257, 1.0, None, None)
+
+
+def test_compile_specs_cover_production_configs():
+    specs = TT.compile_specs(4096)
+    names = {s.kernel for s in specs}
+    assert {"teacher_sweep_k64", "teacher_sweep_k256", "teacher_token_logit"} <= names
+    for s in specs:
+        assert set(s.constexprs) <= set(s.signature)
+        assert all(s.signature[c] == "constexpr" for c in s.constexprs)
+        if s.kernel.startswith("teacher_sweep"):
+            assert s.constexprs["BV"] >= s.constexprs["KP"] and s.signature["h_ptr"] == "*bf16"
