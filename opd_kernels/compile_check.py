@@ -13,6 +13,7 @@ subprocess without it. Exit status 1 if a build fails.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import importlib
 import inspect
 import json
@@ -39,7 +40,17 @@ def _cuobjdump() -> str | None:
     return path if os.path.exists(path) else None
 
 
+_RESOURCES: dict = {}
+
+
 def _resources(cubin: bytes, tool: str) -> tuple[dict, str]:
+    key = hashlib.sha256(cubin).hexdigest()
+    if key not in _RESOURCES:                 # identical cubins (e.g. H only a runtime argument) dump once
+        _RESOURCES[key] = _dump(cubin, tool)
+    return _RESOURCES[key]
+
+
+def _dump(cubin: bytes, tool: str) -> tuple[dict, str]:
     with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
         f.write(cubin)
         path = f.name

@@ -59,6 +59,27 @@ def _patch_interpreter_index():
     patched._opd_fixed = True
     _interp._patch_lang_tensor = patched
 
+    # The interpreter stores bf16 as uint16 and feeds those raw bits to np.matmul in tl.dot: widen bf16
+    # operands to fp32 first (exact; the GPU multiplies bf16 exactly and accumulates in fp32 too).
+    builder = _interp.InterpreterBuilder
+    orig_dot = builder.create_dot
+    if getattr(orig_dot, "_opd_fixed", False):
+        return
+
+    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+        import numpy as np
+        import triton.language as _tl
+
+        def widen(x):
+            if x.dtype.scalar == _tl.bfloat16:
+                data = _interp._convert_float(x.data, _tl.bfloat16, _tl.float32, None).view(np.float32)
+                return _interp.TensorHandle(data, _tl.float32)
+            return x
+        return orig_dot(self, widen(a), widen(b), d, input_precision, max_num_imprecise_acc)
+
+    create_dot._opd_fixed = True
+    builder.create_dot = create_dot
+
 
 _patch_interpreter_index()
 
