@@ -92,21 +92,14 @@ def pytest_generate_tests(metafunc):
     if "bench_case" not in metafunc.fixturenames:
         return
     s = _session(metafunc.config)
-    p = s.preset
-    if metafunc.function.__name__ == "test_teacher":
-        cases = PR.teacher_cases(p)
-        sweep_set = None
-    else:
-        cases = PR.student_cases(p)
-        sweep_set = {("stopgrad", v, n) for v in p["sweep_vocab"] for n in p["sweep_n"]}
     params, ids = [], []
-    for case in cases:
-        names = P.providers_for(case[0], sweep=sweep_set is not None and case in sweep_set)
-        for name in names:
+    for case, v, n, in_sweep in PR.all_cases(s.preset):
+        for name in P.providers_for(case, sweep=in_sweep):
             if s.only and name not in s.only:
                 continue
-            params.append((*case, name))
-            ids.append(f"{case[0]}-V{case[1]}-N{case[2]}-{name}")
+            params.append((case, v, n, name))
+            kind = "teacher" if case == "teacher" else f"student-{case}"
+            ids.append(f"{kind}-V{v}-N{n}-{name}")
     metafunc.parametrize("bench_case", params, ids=ids)
 
 

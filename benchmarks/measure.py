@@ -1,7 +1,7 @@
 """Timing and peak-memory measurement.
 
-Time: median of repeated forward+backward calls. CUDA: ``triton.testing.do_bench`` (CUDA events, L2 flushed
-between calls, median). CPU: pytest-benchmark's pedantic runner when the fixture is given, else a
+Time: median of repeated forward+backward calls. CUDA: CUDA events around each call, L2 flushed between
+calls (as ``triton.testing.do_bench`` does), as many calls as fit ~0.3 s (at least 3, at most 50). CPU: pytest-benchmark's pedantic runner when the fixture is given, else a
 ``perf_counter`` loop (median).
 
 Peak extra memory: the peak of memory allocated during one call minus what was allocated just before it
@@ -36,9 +36,7 @@ def sync(device):
 def time_step(step, device, repeats=None, benchmark=None):
     """Median seconds of ``step()`` (already warmed up), and how it was measured."""
     if device == "cuda":
-        import triton.testing
-        ms = triton.testing.do_bench(step, warmup=25, rep=100, return_mode="median")
-        return ms / 1e3, "triton.testing.do_bench (median)"
+        return cuda_time(step)
     repeats = repeats or 3
     if benchmark is not None and not getattr(benchmark, "disabled", False):
         benchmark.pedantic(step, rounds=repeats, iterations=1, warmup_rounds=0)
@@ -49,6 +47,27 @@ def time_step(step, device, repeats=None, benchmark=None):
         step()
         samples.append(time.perf_counter() - t0)
     return statistics.median(samples), f"perf_counter, median of {repeats}"
+
+
+def cuda_time(step, budget_s=0.3, min_reps=3, max_reps=50):
+    """Median seconds of ``step()`` by CUDA events (like do_bench, but few calls for second-long steps)."""
+    flush = torch.empty(256 * 2**20, dtype=torch.int8, device="cuda")
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    step()
+    end.record()
+    torch.cuda.synchronize()
+    est = max(start.elapsed_time(end) / 1e3, 1e-6)
+    reps = int(min(max_reps, max(min_reps, budget_s / est)))
+    times = []
+    for _ in range(reps):
+        flush.zero_()
+        start.record()
+        step()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return statistics.median(times), f"CUDA events, median of {reps} calls, L2 flushed between calls"
 
 
 def cuda_peak_extra(step):

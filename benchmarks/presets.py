@@ -40,13 +40,14 @@ def default_preset() -> str:
     return "gpu" if torch.cuda.is_available() else "cpu"
 
 
-def student_cases(p):
-    """(variant, V, N) in run order: the sweep first, then the other variants at one shape."""
-    cases = [("stopgrad", v, n) for v in p["sweep_vocab"] for n in p["sweep_n"]]
-    v, n = p["variants_shape"]
-    cases += [(var, v, n) for var in VARIANTS if var != "stopgrad"]
-    return cases
-
-
-def teacher_cases(p):
-    return [("teacher", v, n) for v in p["sweep_vocab"] for n in p["teacher_n"]]
+def all_cases(p):
+    """(case, V, N, in_sweep) in run order, most important first (a time budget cuts the tail): per
+    vocabulary size the stopgrad sweep then the teacher sweep; the other variants after the first V."""
+    out = []
+    for i, v in enumerate(p["sweep_vocab"]):
+        out += [("stopgrad", v, n, True) for n in p["sweep_n"]]
+        out += [("teacher", v, n, False) for n in p["teacher_n"]]
+        if i == 0:
+            vv, nn = p["variants_shape"]
+            out += [(var, vv, nn, False) for var in VARIANTS if var != "stopgrad"]
+    return out

@@ -139,8 +139,9 @@ def _always(spec, preset):
 def _compile_unavailable(spec, preset):
     case = "teacher" if spec.is_teacher else spec.case
     if case not in preset["compile_cases"]:
-        return (f"preset {preset['name']!r} compiles only {list(preset['compile_cases']) or 'nothing'} "
-                "(torch.compile takes ~40 s per graph on 2 CPU cores)")
+        which = ", ".join(preset["compile_cases"])
+        return (f"preset {preset['name']!r} runs torch.compile " + (f"for {which} only" if which else "for no case")
+                + " (one compile takes 15–40 s on 2 CPU cores)")
     return None
 
 

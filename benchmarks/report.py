@@ -131,6 +131,10 @@ def _peers(rows, groups, key, flagged):
             and (r["provider"], r["case"], r["variant"], r["v"]) not in flagged]
 
 
+def _num(x):
+    return f"{x:,.0f}" if x >= 100 else f"{x:.3g}"
+
+
 def _fmt_time(r):
     if r is None:
         return "—"
@@ -138,7 +142,7 @@ def _fmt_time(r):
         return "OOM"
     if r["status"] != "ok" or r["time_s"] is None:
         return "—"
-    return f"{r['time_s'] * 1e3:.3g}"
+    return _num(r["time_s"] * 1e3)
 
 
 def _fmt_mem(r):
@@ -148,10 +152,12 @@ def _fmt_mem(r):
         return "OOM"
     if r["status"] != "ok" or r["mem_bytes"] is None:
         return "—"
-    return f"{r['mem_bytes'] / MIB:.4g}"
+    return _num(r["mem_bytes"] / MIB)
 
 
 def _ratio(a, b, field):
+    if a is not None and b is not None and b.get("status") == "oom" and a.get(field) is not None:
+        return "(it OOMs)"
     if a is None or b is None or a.get(field) is None or b.get(field) is None or not b[field]:
         return "—"
     return f"{a[field] / b[field]:.2f}×"
@@ -247,6 +253,7 @@ def plot(rows, out_dir):
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
+        import matplotlib.ticker
     except Exception as exc:
         return [f"(plots skipped: matplotlib unavailable: {exc})"]
     panels = sorted({(r["case"], r["v"]) for r in rows if r["case"] == "teacher" or r["variant"] == "stopgrad"},
@@ -265,14 +272,19 @@ def plot(rows, out_dir):
                 by[r["provider"]].append((r["n"], r[field] / scale))
             for name in sorted(by, key=lambda x: ORDER.index(x) if x in ORDER else 99):
                 pts = sorted(by[name])
-                style = "-o" if name.startswith("opd_") else "--s"
-                ax.plot([p[0] for p in pts], [p[1] for p in pts], style, label=_short(name).replace("_", " "),
-                        linewidth=2.2 if name.startswith("opd_") else 1.3, markersize=4)
+                i = ORDER.index(name) if name in ORDER else len(ORDER)
+                ours = name.startswith("opd_")
+                ax.plot([p[0] for p in pts], [p[1] for p in pts], "-" if ours else "--",
+                        marker="os^vDPX*h"[i % 9], label=_short(name).replace("_", " "),
+                        linewidth=2.4 if ours else 1.3, markersize=7 - 0.5 * i if not ours else 6, alpha=0.9)
             d = sel[0] if sel else {"h": "?", "k": "?", "dtype": "?"}
             what = "teacher_topk" if case == "teacher" else "student stopgrad fwd+bwd"
             ax.set_title(f"{what}\nV={v} H={d['h']} K={d['k']} {d['dtype']}", fontsize=9)
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
+            fmt = matplotlib.ticker.FuncFormatter(lambda y, _: f"{y:g}")
+            ax.yaxis.set_major_formatter(fmt)
+            ax.yaxis.set_minor_formatter(fmt)
             ax.set_xlabel("N (tokens)")
             ax.set_ylabel(ylabel)
             ax.grid(True, which="both", alpha=0.3)

@@ -1,0 +1,55 @@
+#!/usr/bin/env bash
+# One call on a lent H100/H200 (≤ 10 minutes): the Triton parity tests compiled for the GPU (no interpreter),
+# then the GPU benchmark preset. Everything it produces goes to $OUT (benchmarks/results/gpu without $OUT).
+#
+#   here, once (optional, adds the Liger and CCE peers):  bash benchmarks/fetch_peer_wheels.sh
+#   device:  run(command="bash benchmarks/gpu_run.sh", carry=[".whl"], timeout_s=600)
+#   then:    cp <files_at>/* benchmarks/results/gpu/  and commit (keep benchmarks/results/cpu beside it)
+#
+# Files (7, within the device tool's limit of 8): parity.log bench.log results.json results.jsonl results.md
+# memory_vs_n.png time_vs_n.png. A time budget skips the least important benchmarks rather than overrun.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+T0=$SECONDS
+LIMIT=${GPU_RUN_LIMIT:-575}                       # seconds for the whole script
+OUT_DIR=${OUT:-benchmarks/results/gpu}
+mkdir -p "$OUT_DIR"
+PY=${PYTHON:-python3}
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+unset TRITON_INTERPRET
+
+if compgen -G ".whl/*.whl" > /dev/null; then     # peers carried as wheels (nothing can be fetched there)
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/opd_peers \
+      .whl/*.whl && export PYTHONPATH="$PYTHONPATH:/tmp/opd_peers"
+fi
+
+{
+  echo "== $(date -u) gpu_run.sh at $(git rev-parse --short HEAD 2>/dev/null)"
+  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
+  $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__, torch.cuda.get_device_name(0))"
+  $PY -c "import liger_kernel, cut_cross_entropy; print('peers: liger-kernel and cut-cross-entropy importable')" \
+      || echo "peers: liger-kernel / cut-cross-entropy missing (run benchmarks/fetch_peer_wheels.sh here and carry .whl)"
+} 2>&1 | tee "$OUT_DIR/parity.log"
+
+# 1. Triton parity tests, compiled for this GPU
+PARITY=()
+for f in tests/test_triton_student.py tests/test_triton_teacher.py; do [ -f "$f" ] && PARITY+=("$f"); done
+if [ ${#PARITY[@]} -gt 0 ]; then
+  echo "== parity: ${PARITY[*]}" | tee -a "$OUT_DIR/parity.log"
+  timeout "${PARITY_LIMIT:-210}" $PY -m pytest -q -p no:cacheprovider -ra "${PARITY[@]}" 2>&1 | tee -a "$OUT_DIR/parity.log"
+  echo "== parity exit status ${PIPESTATUS[0]} after $((SECONDS - T0)) s" | tee -a "$OUT_DIR/parity.log"
+else
+  echo "== parity: no tests/test_triton_*.py found" | tee -a "$OUT_DIR/parity.log"
+fi
+
+# 2. benchmarks: stop starting new cases 90 s before the end; the report is written at session end
+LEFT=$((LIMIT - (SECONDS - T0)))
+BUDGET=$((LEFT - 90)); [ $BUDGET -lt 30 ] && BUDGET=30
+echo "== benchmarks: ${LEFT} s left, budget ${BUDGET} s" | tee "$OUT_DIR/bench.log"
+timeout $((LEFT > 20 ? LEFT - 10 : 10)) $PY -m pytest -q -p no:cacheprovider -ra benchmarks/ --preset gpu \
+    --results-dir "$OUT_DIR" --time-budget "$BUDGET" 2>&1 | tee -a "$OUT_DIR/bench.log"
+STATUS=${PIPESTATUS[0]}
+if [ ! -f "$OUT_DIR/results.md" ] && [ -f "$OUT_DIR/results.jsonl" ]; then   # killed before the report
+  $PY -m benchmarks.report "$OUT_DIR/results.jsonl" 2>&1 | tee -a "$OUT_DIR/bench.log"
+fi
+echo "== done in $((SECONDS - T0)) s (benchmark pytest exit status $STATUS)" | tee -a "$OUT_DIR/bench.log"
