@@ -320,6 +320,14 @@ _PROD = {
         segments=dict(BE=16, BH=256, num_warps=4, num_stages=2),
     ),
 }
+#: fp32 inputs replace the fwd/bwd tiles (fp32 operands take twice the registers and shared memory):
+#: (arch family, dot precision) -> tiles. "ieee" = full-precision fp32 dots (FMA), "tf32" = tensor cores.
+_PROD_FP32 = {
+    (90, "ieee"): dict(BN=128, BV=64, BH=32, BHG=16, num_warps=8, num_stages=2),
+    (80, "ieee"): dict(BN=64, BV=64, BH=32, BHG=32, num_warps=8, num_stages=2),
+    (90, "tf32"): dict(BN=64, BV=64, BH=32, BHG=32, num_warps=8, num_stages=2),
+    (80, "tf32"): dict(BN=64, BV=64, BH=32, BHG=32, num_warps=8, num_stages=2),
+}
 _INTERP = dict(
     fwd=dict(BN=16, BV=64, BH=32, num_warps=4, num_stages=1),
     bwd=dict(BN=16, BV=64, BH=32, BHG=16, num_warps=4, num_stages=1),
@@ -337,9 +345,19 @@ def _arch_family(major: int) -> int:
     return 90 if major >= 9 else 80
 
 
-def _cfg(name, device):
+def _prod_cfg(name, arch, dtype, allow_tf32=None):
+    base = dict(_PROD[arch][name])
+    if dtype == torch.float32 and name in ("fwd", "bwd"):
+        tiles = dict(_PROD_FP32[(arch, _dot_prec(dtype, allow_tf32))])
+        if name == "fwd":
+            tiles.pop("BHG")
+        base.update(tiles)
+    return base
+
+
+def _cfg(name, device, dtype=torch.bfloat16):
     if device.type == "cuda":
-        base = dict(_PROD[_arch_family(torch.cuda.get_device_capability(device)[0])][name])
+        base = _prod_cfg(name, _arch_family(torch.cuda.get_device_capability(device)[0]), dtype)
     else:
         base = dict(_INTERP[name])
     base.update(_OVERRIDES.get(name, {}))
@@ -361,10 +379,13 @@ def _splits(n_row_blocks, n_tiles, device):
     return per, -(-n_tiles // per)
 
 
-def _dot_prec(dtype):
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        return "ieee"
-    return "tf32" if dtype == torch.float32 else "ieee"
+def _dot_prec(dtype, allow_tf32=None):
+    """tl.dot input precision: fp32 inputs use full fp32 ("ieee") unless PyTorch allows TF32 matmuls."""
+    if dtype != torch.float32:
+        return "ieee"                                 # bf16/fp16: exact products, fp32 accumulation
+    if allow_tf32 is None:
+        allow_tf32 = torch.backends.cuda.matmul.allow_tf32
+    return "tf32" if allow_tf32 else "ieee"
 
 
 def default_filter_eps(dtype) -> float:
@@ -401,7 +422,7 @@ def logsumexp_sweep(hidden, weight, bias, temperature, need_entropy):
     n, hdim = hidden.shape
     vocab = weight.shape[0]
     dev = hidden.device
-    cfg = _cfg("fwd", dev)
+    cfg = _cfg("fwd", dev, hidden.dtype)
     n_rb = triton.cdiv(n, cfg["BN"])
     per, splits = _splits(n_rb, triton.cdiv(vocab, cfg["BV"]), dev)
     m = torch.full((splits, n), float("nan"), dtype=torch.float32, device=dev)
@@ -428,7 +449,7 @@ def _dense_backward(hidden, weight, bias, lse, c, temperature, gh32, gw32, gb32,
     n, hdim = hidden.shape
     vocab = weight.shape[0]
     dev = hidden.device
-    cfg = _cfg("bwd", dev)
+    cfg = _cfg("bwd", dev, hidden.dtype)
     bn, bv = cfg["BN"], cfg["BV"]
     n_rb, n_tiles = triton.cdiv(n, bn), triton.cdiv(vocab, bv)
     filt = filter_eps is not None and filter_eps > 0
@@ -576,31 +597,30 @@ def topk_rkl(hidden, weight, bias, ids, teacher_logprobs, variant, temperature, 
 _TL = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
-def compile_specs(hidden_size: int, arch: int = 90, dtype=torch.bfloat16) -> list[CompileSpec]:
-    """The kernels at their production configurations for ``arch`` (bf16 by default), for
-    ``python -m opd_kernels.compile_check``. H is a runtime argument (specialized as divisible by 16)."""
-    prod = _PROD[_arch_family(arch // 10)]
+def _sweep_specs(hidden_size, arch, dtype, allow_tf32, suffix):
+    """Forward sweep and dense backward (the tile-matmul kernels) for one input dtype / dot precision."""
     p = "*" + _TL[dtype]
-    prec = "ieee" if dtype != torch.float32 else "tf32"
+    prec = _dot_prec(dtype, allow_tf32)
+    tensor_cores = prec != "ieee" or dtype != torch.float32          # fp32 "ieee" dots run on FMA units
     specs = []
-    c = prod["fwd"]
+    c = _prod_cfg("fwd", arch, dtype, allow_tf32)
     for ent in (False, True):
         specs.append(CompileSpec(
-            kernel=f"student_fwd_sweep{'_entropy' if ent else ''}", fn=_fwd_sweep_kernel,
+            kernel=f"student_fwd_sweep{'_entropy' if ent else ''}{suffix}", fn=_fwd_sweep_kernel,
             signature=dict(h_ptr=p, w_ptr=p, b_ptr=p, m_ptr="*fp32", s_ptr="*fp32", e_ptr="*fp32", N="i32",
                            V="i32", H="i32", inv_tau="fp32", tiles_per_split="i32", HAS_BIAS="constexpr",
                            NEED_ENT="constexpr", BN="constexpr", BV="constexpr", BH="constexpr",
                            DOT_PREC="constexpr"),
             constexprs=dict(HAS_BIAS=True, NEED_ENT=ent, BN=c["BN"], BV=c["BV"], BH=c["BH"], DOT_PREC=prec),
-            num_warps=c["num_warps"], num_stages=c["num_stages"], has_matmul=True,
-            config=dict(BN=c["BN"], BV=c["BV"], BH=c["BH"], num_warps=c["num_warps"],
-                        num_stages=c["num_stages"], H=hidden_size)))
-    c = prod["bwd"]
+            num_warps=c["num_warps"], num_stages=c["num_stages"], has_matmul=tensor_cores,
+            config=dict(dtype=_TL[dtype], dot=prec, BN=c["BN"], BV=c["BV"], BH=c["BH"],
+                        num_warps=c["num_warps"], num_stages=c["num_stages"], H=hidden_size)))
+    c = _prod_cfg("bwd", arch, dtype, allow_tf32)
     for mode, flags in (("atomic", dict(COMPUTE_DH=True, COMPUTE_DW=True, COMPUTE_DB=True, ATOMIC=True)),
                         ("det_dh", dict(COMPUTE_DH=True, COMPUTE_DW=False, COMPUTE_DB=False, ATOMIC=False)),
                         ("det_dw", dict(COMPUTE_DH=False, COMPUTE_DW=True, COMPUTE_DB=True, ATOMIC=False))):
         specs.append(CompileSpec(
-            kernel=f"student_bwd_dense_{mode}", fn=_bwd_dense_kernel,
+            kernel=f"student_bwd_dense_{mode}{suffix}", fn=_bwd_dense_kernel,
             signature=dict(h_ptr=p, w_ptr=p, b_ptr=p, lse_ptr="*fp32", c_ptr="*fp32", gh_ptr="*fp32",
                            gw_ptr="*fp32", gb_ptr="*fp32", N="i32", V="i32", H="i32", inv_tau="fp32",
                            filter_eps="fp32", row_blocks_per_prog="i32", n_row_blocks="i32",
@@ -610,9 +630,22 @@ def compile_specs(hidden_size: int, arch: int = 90, dtype=torch.bfloat16) -> lis
                            BV="constexpr", BH="constexpr", BHG="constexpr", DOT_PREC="constexpr"),
             constexprs=dict(HAS_BIAS=True, FILTER=True, BN=c["BN"], BV=c["BV"], BH=c["BH"], BHG=c["BHG"],
                             DOT_PREC=prec, **flags),
-            num_warps=c["num_warps"], num_stages=c["num_stages"], has_matmul=True,
-            config=dict(BN=c["BN"], BV=c["BV"], BH=c["BH"], num_warps=c["num_warps"],
-                        num_stages=c["num_stages"], H=hidden_size)))
+            num_warps=c["num_warps"], num_stages=c["num_stages"], has_matmul=tensor_cores,
+            config=dict(dtype=_TL[dtype], dot=prec, BN=c["BN"], BV=c["BV"], BH=c["BH"], BHG=c["BHG"],
+                        num_warps=c["num_warps"], num_stages=c["num_stages"], H=hidden_size)))
+    return specs
+
+
+def compile_specs(hidden_size: int, arch: int = 90) -> list[CompileSpec]:
+    """The kernels at their production configurations for ``arch``, for ``python -m opd_kernels.compile_check``:
+    bf16 (fp16 uses the same tiles), fp32 with full-precision dots (suffix ``_fp32``, FMA: no tensor cores
+    expected) and fp32 with TF32 (suffix ``_tf32``). H is a runtime argument (specialized as divisible by 16)."""
+    family = _arch_family(arch // 10)
+    prod = _PROD[family]
+    specs = _sweep_specs(hidden_size, family, torch.bfloat16, False, "")
+    specs += _sweep_specs(hidden_size, family, torch.float32, False, "_fp32")
+    specs += _sweep_specs(hidden_size, family, torch.float32, True, "_tf32")
+    p = "*bf16"
     c = prod["gather"]
     specs.append(CompileSpec(
         kernel="student_gather_logits", fn=_gather_logits_kernel,
