@@ -32,6 +32,9 @@ def pytest_addoption(parser):
     g.addoption("--providers", default=None, help="comma-separated provider names to run (default: all)")
     g.addoption("--time-budget", type=float, default=0.0,
                 help="seconds; once spent, the remaining benchmarks are skipped (0 = no budget)")
+    g.addoption("--resume-from", default=None,
+                help="results.jsonl of an earlier run of the same preset: cases measured there (ok or OOM) are "
+                     "taken from it instead of run again (a GPU preset split over two device calls)")
     g.addoption("--threads", type=int, default=1,
                 help="CPU presets: torch intra-op threads (default 1: on a shared machine OpenMP barrier "
                      "waits make multi-threaded timings of small ops meaningless)")
@@ -53,6 +56,13 @@ class BenchSession:
             torch.set_num_threads(self.preset["threads"])
         self.t0 = time.monotonic()
         self.rows = []
+        self.resumed = {}
+        src = config.getoption("resume_from")
+        if src and Path(src).exists():
+            from .report import load_rows
+            for r in load_rows(src):
+                if r["status"] in ("ok", "oom"):
+                    self.resumed[(r["variant"], r["v"], r["n"], r["provider"])] = dict(r, resumed=True)
         self.ctx = {}                  # compiled functions shared across shapes
         self._inputs = None
         self._truths = {}

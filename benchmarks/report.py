@@ -77,7 +77,8 @@ def _git_commit():
     try:
         out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
                              cwd=Path(__file__).parent, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--", "opd_kernels", "reference", "benchmarks"],
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "opd_kernels", "reference", "benchmarks",
+                                ":!benchmarks/results"],
                                capture_output=True, text=True, cwd=Path(__file__).parent, timeout=10)
         return out.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "") or None
     except Exception:

@@ -38,6 +38,9 @@ def _run(bench, bench_case, request):
         bench.record(row)
         pytest.skip(f"{name}: {reason}")
 
+    if tuple(bench_case) in bench.resumed:
+        bench.record(bench.resumed[tuple(bench_case)])
+        pytest.skip(f"{name}: taken from the earlier run (--resume-from)")
     if spec.device == "cuda" and not torch.cuda.is_available():
         skip("preset needs a CUDA device")
     if bench.over_budget():
