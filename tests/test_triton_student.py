@@ -154,15 +154,18 @@ def test_renorm_without_stats_skips_the_sweep(monkeypatch):
 @pytest.mark.parametrize("variant,dtype", [("stopgrad", torch.bfloat16), ("tail", torch.bfloat16),
                                            ("renorm", torch.bfloat16), ("fkl", torch.bfloat16),
                                            ("stopgrad", torch.float16), ("fkl", torch.float16)])
-def test_backend_parity_low_precision(variant, dtype):
+def test_backend_parity_low_precision(variant, dtype, monkeypatch):
     """bf16/fp16 inputs: fp32 accumulation, gradients in the input dtype, no worse than plain low-precision
-    PyTorch (2× its error + 1e-3) against the float64 truth on the same rounded inputs."""
+    PyTorch (2× its error + 1e-3) against the float64 truth on the same rounded inputs. grad_W goes through
+    fp32 vocabulary slabs of 3 tiles (6 slabs, the last one short); "tail" runs the deterministic mode."""
+    if not ON_GPU:
+        monkeypatch.setattr(SL, "_SLAB_BYTES", 3 * SL._cfg("bwd", torch.device("cpu"))["BV"] * H * 4)
     prob = make_problem(n=N, h=H, v=V, k=K, seed=41 + VARIANTS.index(variant))
     ids, t = _backend_inputs(prob)
     upstream = torch.randn(N, generator=torch.Generator().manual_seed(42), dtype=torch.float64)
     ours = _leaves(prob, dtype)
     with overrides(programs=8):
-        loss, _, g = _run_backend(ours, ids, t, variant, 1.3, False, upstream)
+        loss, _, g = _run_backend(ours, ids, t, variant, 1.3, False, upstream, deterministic=variant == "tail")
     truth_p = leaf_copies(leaf_copies(prob, dtype), torch.float64)
     base_p = leaf_copies(prob, dtype)
     exp, _, exp_g = _reference(truth_p, variant, 1.3, upstream)
@@ -243,24 +246,22 @@ def _skippable_tile_fraction(prob, eps, bn, bv):
 
 
 def test_gradient_filtering_below_resolution():
-    """The default threshold (and 1e-9) skip tiles yet change the gradients by less than the fp32
+    """The default threshold skips tiles (> 5 % of them here) yet changes the gradients by less than the fp32
     resolution; a large threshold visibly changes them (the filter really skips, so this can fail)."""
     prob = _peaked_problem(81)
     cfg = SL._cfg("bwd", torch.device(DEVICE))
     default = SL.default_filter_eps(torch.float32)
     assert _skippable_tile_fraction(prob, default, cfg["BN"], cfg["BV"]) > 0.05
-    assert _skippable_tile_fraction(prob, 1e-9, cfg["BN"], cfg["BV"]) > 0.1
     ids, t = _backend_inputs(prob)
     up = torch.randn(N, generator=torch.Generator().manual_seed(82))
     out = {}
-    for name, eps in (("off", 0.0), ("default", None), ("small", 1e-9), ("huge", 1e-2)):
+    for name, eps in (("off", 0.0), ("default", None), ("huge", 1e-2)):
         ours = _leaves(prob, torch.float32)
         with overrides(programs=8):
             out[name] = _run_backend(ours, ids, t, "stopgrad", 1.0, False, up, filter_eps=eps)[2]
     res = torch.finfo(torch.float32).eps
     for key in out["off"]:
         assert_close(f"default grad_{key}", out["default"][key], out["off"][key], res)
-        assert_close(f"1e-9 grad_{key}", out["small"][key], out["off"][key], res)
     diff = (out["huge"]["weight"] - out["off"]["weight"]).norm() / out["off"]["weight"].norm()
     assert diff > 1e-4
 

@@ -5,8 +5,7 @@ coefficients ``g`` of ``_math.slot_terms``:
 
     ∂ℓ_n/∂(h Wᵀ + b)_nj = (Σ_k g_nk [j = id_nk] − c_n π_nj) / τ,        c_n = Σ_k g_nk
 
-Kernels (none allocates ``[N, V]`` or ``[chunk, V]``; extra memory is O(N·K + N·splits) plus the fp32
-accumulators of the gradients):
+Kernels (none allocates ``[N, V]`` or ``[chunk, V]``):
 
 - ``_gather_logits_kernel``: ``z_sel[n, k] = (h_n · W[id_nk] + b[id_nk]) / τ`` (gathered dot products).
 - ``_fwd_sweep_kernel``: grid (row blocks × vocabulary splits); logit tiles ``[BN, BV]`` by ``tl.dot`` over
@@ -15,13 +14,18 @@ accumulators of the gradients):
 - ``_bwd_dense_kernel``: recomputes logit tiles, ``dz = −c π / τ`` → ``grad_h += dz W``, ``grad_W += dzᵀ h``,
   ``grad_b += Σ_n dz``; tiles where every ``π_nj`` (of rows with ``c_n ≠ 0``) is below ``filter_eps`` are
   skipped (their dense gradient, relative to the row's scale ``|c_n|/τ``, is below ``filter_eps``).
-  Atomic mode: one program per (row block, vocabulary split), fp32 atomics. Deterministic mode: grad_h by
+  Default mode: one program per (row block, vocabulary split), fp32 atomics. Deterministic mode: grad_h by
   programs owning (row block, split) writing a private buffer slice, grad_W/grad_b by programs owning a
   vocabulary tile looping over every row block (plain read-modify-write, fixed order).
-- ``_sparse_rows_kernel``: sparse part per row: ``grad_h_n += Σ_k g_nk W[id_nk] / τ`` (and, in atomic mode,
-  ``grad_W[id_nk] += g_nk h_n / τ``, ``grad_b[id_nk] += g_nk / τ``); writes grad_h in the input dtype.
-- ``_sparse_segments_kernel`` (deterministic mode): the sparse grad_W / grad_b part from the (id, slot) pairs
-  sorted by id; the program at the first entry of each id's segment sums the segment in order.
+  The vocabulary is processed in slabs whose fp32 grad_W accumulator is ≤ ``_SLAB_BYTES``; each finished
+  slab is cast into grad_W (16-bit weights). fp32 weights accumulate in grad_W itself.
+- ``_sparse_rows_kernel``: ``grad_h_n = dense_n + Σ_k g_nk W[id_nk] / τ``, written in the input dtype.
+- ``_sparse_segments_kernel``: sparse grad_W / grad_b from the (id, slot) entries sorted by id; the program
+  at the first entry of each id's segment sums it in order (no atomics) and adds it to grad_W[id].
+
+Extra device memory: O(N·K + N·splits) plus the fp32 accumulators: grad_h ``[N, H]``, one grad_W slab
+(≤ 64 MiB) for 16-bit weights, grad_b ``[V]``; deterministic mode adds ≤ 64 MiB of grad_h split buffers.
+The weight gradient (in the weight dtype) is the only ``[V, H]`` allocation.
 
 ``"renorm"`` without stats runs only the gathered dot products (no vocabulary sweep, forward or backward).
 """
@@ -165,25 +169,28 @@ def _fwd_sweep_kernel(h_ptr, w_ptr, b_ptr, m_ptr, s_ptr, e_ptr, N, V, H, inv_tau
 @triton.jit
 def _bwd_dense_kernel(h_ptr, w_ptr, b_ptr, lse_ptr, c_ptr, gh_ptr, gw_ptr, gb_ptr,
                       N, V, H, inv_tau, filter_eps, row_blocks_per_prog, n_row_blocks, tiles_per_prog,
-                      n_tiles, gh_split_stride,
+                      tile_lo, tile_hi, gh_split_stride,
                       HAS_BIAS: tl.constexpr, COMPUTE_DH: tl.constexpr, COMPUTE_DW: tl.constexpr,
                       COMPUTE_DB: tl.constexpr, ATOMIC: tl.constexpr, FILTER: tl.constexpr,
                       BN: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr, BHG: tl.constexpr,
                       DOT_PREC: tl.constexpr):
-    """Dense gradient part dz = −c π / τ over the tiles of program (a, b): row blocks
-    [a·RB, (a+1)·RB) × vocabulary tiles [b·TP, (b+1)·TP).  grad_h goes to gh + b·gh_split_stride.
+    """Dense gradient part dz = −c π / τ over the tiles of program (a, b): row blocks [a·RB, (a+1)·RB) ×
+    vocabulary tiles [lo + b·TP, lo + (b+1)·TP) ∩ [lo, hi).  grad_h goes to gh + b·gh_split_stride (fp32),
+    grad_W rows to gw + (col − lo·BV)·H (an fp32 slab of the vocabulary), grad_b to gb (fp32).
     Logits use H chunks of BH, the two gradient matmuls chunks of BHG."""
     pa = tl.program_id(0)
     pb = tl.program_id(1)
     gh_base = gh_ptr + pb.to(tl.int64) * gh_split_stride
     rb_end = tl.minimum((pa + 1) * row_blocks_per_prog, n_row_blocks)
-    vt_end = tl.minimum((pb + 1) * tiles_per_prog, n_tiles)
+    vt_start = tile_lo + pb * tiles_per_prog
+    vt_end = tl.minimum(vt_start + tiles_per_prog, tile_hi)
+    gw_base = gw_ptr - (tile_lo * BV).to(tl.int64) * H
     for rb in range(pa * row_blocks_per_prog, rb_end):
         rows = (rb * BN + tl.arange(0, BN)).to(tl.int64)
         rmask = rows < N
         lse = tl.load(lse_ptr + rows, mask=rmask, other=0.0)
         c = tl.load(c_ptr + rows, mask=rmask, other=0.0)                  # 0 beyond N
-        for vt in range(pb * tiles_per_prog, vt_end):
+        for vt in range(vt_start, vt_end):
             cols = (vt * BV + tl.arange(0, BV)).to(tl.int64)
             cmask = cols < V
             z = _logit_tile(h_ptr, w_ptr, b_ptr, rows, rmask, cols, cmask, H, inv_tau,
@@ -219,7 +226,7 @@ def _bwd_dense_kernel(h_ptr, w_ptr, b_ptr, lse_ptr, c_ptr, gh_ptr, gw_ptr, gb_pt
                         hk_t = tl.load(h_ptr + rows[:, None] * H + hk[None, :],
                                        mask=rmask[:, None] & hmask[None, :], other=0.0)     # [BN, BH]
                         dw = tl.dot(tl.trans(dzc), hk_t, input_precision=DOT_PREC)         # [BV, BH]
-                        gw_off = gw_ptr + cols[:, None] * H + hk[None, :]
+                        gw_off = gw_base + cols[:, None] * H + hk[None, :]
                         gw_mask = cmask[:, None] & hmask[None, :]
                         if ATOMIC:
                             tl.atomic_add(gw_off, dw, mask=gw_mask)
@@ -228,18 +235,14 @@ def _bwd_dense_kernel(h_ptr, w_ptr, b_ptr, lse_ptr, c_ptr, gh_ptr, gw_ptr, gb_pt
 
 
 @triton.jit
-def _sparse_rows_kernel(h_ptr, w_ptr, ids_ptr, g_ptr, gh32_ptr, gh_out_ptr, gw_ptr, gb_ptr, K, H,
-                        HAS_DENSE: tl.constexpr, COMPUTE_DH: tl.constexpr, ATOMIC_DW: tl.constexpr,
-                        ATOMIC_DB: tl.constexpr, BK: tl.constexpr, BH: tl.constexpr):
-    """Sparse part of row n on one H chunk (g already scaled by grad_loss / τ):
-    grad_h[n] = dense[n] + Σ_k g_nk W[id_nk] (written in the output dtype);
-    atomic mode also grad_W[id_nk] += g_nk h_n and grad_b[id_nk] += g_nk."""
+def _sparse_rows_kernel(w_ptr, ids_ptr, g_ptr, gh32_ptr, gh_out_ptr, K, H,
+                        HAS_DENSE: tl.constexpr, BK: tl.constexpr, BH: tl.constexpr):
+    """Sparse part of grad_h for row n on one H chunk (g already scaled by grad_loss / τ):
+    grad_h[n] = dense[n] + Σ_k g_nk W[id_nk], written in the output dtype."""
     n = tl.program_id(0).to(tl.int64)
     hk = tl.program_id(1).to(tl.int64) * BH + tl.arange(0, BH)
     hmask = hk < H
     acc = tl.zeros([BH], dtype=tl.float32)
-    if ATOMIC_DW:
-        hv = tl.load(h_ptr + n * H + hk, mask=hmask, other=0.0).to(tl.float32)
     for k0 in range(0, K, BK):
         ks = k0 + tl.arange(0, BK)
         kmask = ks < K
@@ -247,28 +250,21 @@ def _sparse_rows_kernel(h_ptr, w_ptr, ids_ptr, g_ptr, gh32_ptr, gh_out_ptr, gw_p
         valid = ids >= 0
         sid = tl.where(valid, ids, 0).to(tl.int64)
         g = tl.load(g_ptr + n * K + ks, mask=valid, other=0.0)            # [BK]
-        if COMPUTE_DH:
-            wv = tl.load(w_ptr + sid[:, None] * H + hk[None, :], mask=valid[:, None] & hmask[None, :],
-                         other=0.0).to(tl.float32)                          # [BK, BH]
-            acc += tl.sum(g[:, None] * wv, axis=0)
-        if ATOMIC_DW:
-            tl.atomic_add(gw_ptr + sid[:, None] * H + hk[None, :], g[:, None] * hv[None, :],
-                          mask=valid[:, None] & hmask[None, :])
-        if ATOMIC_DB:
-            if tl.program_id(1) == 0:
-                tl.atomic_add(gb_ptr + sid, g, mask=valid)
-    if COMPUTE_DH:
-        if HAS_DENSE:
-            acc += tl.load(gh32_ptr + n * H + hk, mask=hmask, other=0.0)
-        tl.store(gh_out_ptr + n * H + hk, acc.to(gh_out_ptr.dtype.element_ty), mask=hmask)
+        wv = tl.load(w_ptr + sid[:, None] * H + hk[None, :], mask=valid[:, None] & hmask[None, :],
+                     other=0.0).to(tl.float32)                              # [BK, BH]
+        acc += tl.sum(g[:, None] * wv, axis=0)
+    if HAS_DENSE:
+        acc += tl.load(gh32_ptr + n * H + hk, mask=hmask, other=0.0)
+    tl.store(gh_out_ptr + n * H + hk, acc.to(gh_out_ptr.dtype.element_ty), mask=hmask)
 
 
 @triton.jit
 def _sparse_segments_kernel(h_ptr, sids_ptr, srows_ptr, sg_ptr, send_ptr, gw_ptr, gb_ptr, H,
                             COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr,
                             BE: tl.constexpr, BH: tl.constexpr):
-    """Deterministic sparse grad_W / grad_b: entries sorted by id; the program at the first entry i of a
-    segment [i, end) adds Σ_e g_e h[row_e] to grad_W[id] (fixed order, no atomics)."""
+    """Sparse grad_W / grad_b: the (id, slot) entries sorted by id; the program at the first entry i of a
+    segment [i, end) adds Σ_e g_e h[row_e] (fp32, fixed order, no atomics) to grad_W[id] in its dtype and
+    Σ_e g_e to grad_b[id] (fp32)."""
     i = tl.program_id(0).to(tl.int64)
     vid = tl.load(sids_ptr + i)
     prev = tl.load(sids_ptr + tl.maximum(i - 1, 0))
@@ -296,7 +292,8 @@ def _sparse_segments_kernel(h_ptr, sids_ptr, srows_ptr, sg_ptr, send_ptr, gw_ptr
                                  other=0.0).to(tl.float32)                  # [BE, BH]
                     acc += tl.sum(g[:, None] * hv, axis=0)
                 off = gw_ptr + vid64 * H + hk
-                tl.store(off, tl.load(off, mask=hmask, other=0.0) + acc, mask=hmask)
+                old = tl.load(off, mask=hmask, other=0.0).to(tl.float32)
+                tl.store(off, (old + acc).to(gw_ptr.dtype.element_ty), mask=hmask)
 
 
 # ------------------------------------------------------------------------------------------------- configs
@@ -339,6 +336,8 @@ _INTERP = dict(
 _OVERRIDES: dict = {}
 #: Extra device memory allowed for the deterministic mode's per-split grad_h buffers.
 _DET_SPLIT_BYTES = 64 * 2**20
+#: fp32 accumulator for one vocabulary slab of grad_W (16-bit weights); at H = 4096 that is 4096 rows.
+_SLAB_BYTES = 64 * 2**20
 
 
 def _arch_family(major: int) -> int:
@@ -445,7 +444,10 @@ def logsumexp_sweep(hidden, weight, bias, temperature, need_entropy):
     return lse, entropy
 
 
-def _dense_backward(hidden, weight, bias, lse, c, temperature, gh32, gw32, gb32, deterministic, filter_eps):
+def _dense_backward(hidden, weight, bias, lse, c, temperature, gh32, grad_w, gb32, deterministic, filter_eps):
+    """Dense part of the backward: grad_h into ``gh32`` (fp32 [N, H]), grad_W into ``grad_w`` (its dtype;
+    accumulated in fp32 slabs of ≤ ``_SLAB_BYTES`` then cast, so no fp32 [V, H] copy exists for 16-bit
+    weights), grad_b into ``gb32`` (fp32 [V])."""
     n, hdim = hidden.shape
     vocab = weight.shape[0]
     dev = hidden.device
@@ -454,55 +456,71 @@ def _dense_backward(hidden, weight, bias, lse, c, temperature, gh32, gw32, gb32,
     n_rb, n_tiles = triton.cdiv(n, bn), triton.cdiv(vocab, bv)
     filt = filter_eps is not None and filter_eps > 0
     common = dict(HAS_BIAS=bias is not None, FILTER=filt, DOT_PREC=_dot_prec(hidden.dtype),
-                  **_blocks(cfg, "BN", "BV", "BH", "BHG"))
+                  **_blocks(cfg, "BN", "BV", "BH", "BHG"), **_launch_kw(cfg))
     args = (hidden, weight, bias if bias is not None else hidden, lse, c)
     dummy = lse
     scal = (n, vocab, hdim, 1.0 / temperature, float(filter_eps or 0.0))
-    if not deterministic:
-        per, splits = _splits(n_rb, n_tiles, dev)
-        _bwd_dense_kernel[(n_rb, splits)](
-            *args, gh32 if gh32 is not None else dummy, gw32 if gw32 is not None else dummy,
-            gb32 if gb32 is not None else dummy, *scal, 1, n_rb, per, n_tiles, 0,
-            COMPUTE_DH=gh32 is not None, COMPUTE_DW=gw32 is not None, COMPUTE_DB=gb32 is not None,
-            ATOMIC=True, **common, **_launch_kw(cfg))
-        return gh32
-    if gh32 is not None:
-        per, splits = _splits(n_rb, n_tiles, dev)
-        splits = max(1, min(splits, _DET_SPLIT_BYTES // max(1, n * hdim * 4)))
-        per = triton.cdiv(n_tiles, splits)
-        splits = triton.cdiv(n_tiles, per)
-        buf = gh32 if splits == 1 else torch.zeros((splits, n, hdim), dtype=torch.float32, device=dev)
-        _bwd_dense_kernel[(n_rb, splits)](
-            *args, buf, dummy, dummy, *scal, 1, n_rb, per, n_tiles, n * hdim,
-            COMPUTE_DH=True, COMPUTE_DW=False, COMPUTE_DB=False, ATOMIC=False, **common, **_launch_kw(cfg))
-        if splits > 1:
-            torch.sum(buf, 0, out=gh32)
-    if gw32 is not None or gb32 is not None:
-        _bwd_dense_kernel[(1, n_tiles)](
-            *args, dummy, gw32 if gw32 is not None else dummy, gb32 if gb32 is not None else dummy,
-            *scal, n_rb, n_rb, 1, n_tiles, 0,
-            COMPUTE_DH=False, COMPUTE_DW=gw32 is not None, COMPUTE_DB=gb32 is not None, ATOMIC=False,
-            **common, **_launch_kw(cfg))
-    return gh32
+
+    if grad_w is None or grad_w.dtype == torch.float32:
+        slab_tiles, gw_buf = n_tiles, grad_w                       # accumulate in place (zero-initialised)
+    else:
+        slab_tiles = max(1, min(n_tiles, _SLAB_BYTES // (bv * hdim * 4)))
+        gw_buf = torch.empty((slab_tiles * bv, hdim), dtype=torch.float32, device=dev)
+
+    det_h = None
+    if deterministic and gh32 is not None:
+        # private fp32 grad_h buffers per vocabulary split (≤ _DET_SPLIT_BYTES), summed in a fixed order
+        det_splits = max(1, min(_splits(n_rb, slab_tiles, dev)[1], _DET_SPLIT_BYTES // max(1, n * hdim * 4)))
+        det_h = gh32 if det_splits == 1 else torch.zeros((det_splits, n, hdim), dtype=torch.float32, device=dev)
+
+    for lo in range(0, n_tiles, slab_tiles):
+        hi = min(lo + slab_tiles, n_tiles)
+        if gw_buf is not None and gw_buf is not grad_w:
+            gw_buf.zero_()
+        gw = gw_buf if gw_buf is not None else dummy
+        if not deterministic:
+            per, splits = _splits(n_rb, hi - lo, dev)
+            _bwd_dense_kernel[(n_rb, splits)](
+                *args, gh32 if gh32 is not None else dummy, gw, gb32 if gb32 is not None else dummy, *scal,
+                1, n_rb, per, lo, hi, 0,
+                COMPUTE_DH=gh32 is not None, COMPUTE_DW=gw_buf is not None, COMPUTE_DB=gb32 is not None,
+                ATOMIC=True, **common)
+        else:
+            if det_h is not None:
+                splits = 1 if det_h is gh32 else det_h.shape[0]
+                per = triton.cdiv(hi - lo, splits)
+                _bwd_dense_kernel[(n_rb, triton.cdiv(hi - lo, per))](
+                    *args, det_h, dummy, dummy, *scal, 1, n_rb, per, lo, hi, n * hdim,
+                    COMPUTE_DH=True, COMPUTE_DW=False, COMPUTE_DB=False, ATOMIC=False, **common)
+            if gw_buf is not None or gb32 is not None:
+                # one program per vocabulary tile, looping over every row block: plain read-modify-write
+                _bwd_dense_kernel[(1, hi - lo)](
+                    *args, dummy, gw, gb32 if gb32 is not None else dummy, *scal, n_rb, n_rb, 1, lo, hi, 0,
+                    COMPUTE_DH=False, COMPUTE_DW=gw_buf is not None, COMPUTE_DB=gb32 is not None,
+                    ATOMIC=False, **common)
+        if gw_buf is not None and gw_buf is not grad_w:
+            rows = min(hi * bv, vocab) - lo * bv
+            grad_w[lo * bv:lo * bv + rows].copy_(gw_buf[:rows])
+    if det_h is not None and det_h is not gh32:
+        torch.sum(det_h, 0, out=gh32)
 
 
-def _sparse_backward(hidden, weight, ids, gs, gh32, grad_h, gw32, gb32, deterministic):
+def _sparse_backward(hidden, weight, ids, gs, gh32, grad_h, grad_w, gb32):
+    """Sparse part: grad_h rows (plus the dense gh32, cast to the output dtype) and, through the (id, slot)
+    entries sorted by id, grad_W[id] (read-modify-write in its dtype) and grad_b[id] (fp32) — no atomics."""
     n, k = ids.shape
     hdim = hidden.shape[1]
     dev = hidden.device
     if n == 0:
         return
-    atomic = not deterministic
-    cfg = _cfg("sparse", dev)
-    bk = min(cfg["BK"], triton.next_power_of_2(k))
     dummy = gs
-    if grad_h is not None or (atomic and (gw32 is not None or gb32 is not None)):
+    if grad_h is not None:
+        cfg = _cfg("sparse", dev)
         _sparse_rows_kernel[(n, triton.cdiv(hdim, cfg["BH"]))](
-            hidden, weight, ids, gs, gh32 if gh32 is not None else dummy, grad_h if grad_h is not None else dummy,
-            gw32 if gw32 is not None else dummy, gb32 if gb32 is not None else dummy, k, hdim,
-            HAS_DENSE=gh32 is not None, COMPUTE_DH=grad_h is not None, ATOMIC_DW=atomic and gw32 is not None,
-            ATOMIC_DB=atomic and gb32 is not None, BK=bk, BH=cfg["BH"], **_launch_kw(cfg))
-    if deterministic and (gw32 is not None or gb32 is not None):
+            weight, ids, gs, gh32 if gh32 is not None else dummy, grad_h, k, hdim,
+            HAS_DENSE=gh32 is not None, BK=min(cfg["BK"], triton.next_power_of_2(k)), BH=cfg["BH"],
+            **_launch_kw(cfg))
+    if grad_w is not None or gb32 is not None:
         flat = ids.reshape(-1)
         sorted_ids, order = torch.sort(flat, stable=True)
         rows = torch.div(order, k, rounding_mode="floor").to(torch.int32)
@@ -510,9 +528,9 @@ def _sparse_backward(hidden, weight, ids, gs, gh32, grad_h, gw32, gb32, determin
         ends = torch.searchsorted(sorted_ids, sorted_ids, right=True)
         cfg = _cfg("segments", dev)
         _sparse_segments_kernel[(flat.numel(),)](
-            hidden, sorted_ids, rows, sg, ends, gw32 if gw32 is not None else dummy,
+            hidden, sorted_ids, rows, sg, ends, grad_w if grad_w is not None else dummy,
             gb32 if gb32 is not None else dummy, hdim,
-            COMPUTE_DW=gw32 is not None, COMPUTE_DB=gb32 is not None, BE=cfg["BE"], BH=cfg["BH"],
+            COMPUTE_DW=grad_w is not None, COMPUTE_DB=gb32 is not None, BE=cfg["BE"], BH=cfg["BH"],
             **_launch_kw(cfg))
 
 
@@ -560,9 +578,11 @@ class TopKRKLTriton(torch.autograd.Function):
         gs = (g / tau).contiguous()                                        # sparse coefficients on raw logits
         dense = ctx.variant not in _math.NO_DENSE and n > 0
         grad_h = torch.full_like(hidden, float("nan")) if need_h else None
-        gw32 = None
+        grad_w = None
         if need_w:
-            gw32 = torch.zeros(weight.shape, dtype=torch.float32, device=dev)
+            # fp32 weights (or no dense part) accumulate in place; 16-bit ones are written slab by slab
+            in_place = weight.dtype == torch.float32 or not dense
+            grad_w = torch.zeros_like(weight) if in_place else torch.full_like(weight, float("nan"))
         gb32 = torch.zeros(vocab, dtype=torch.float32, device=dev) if need_b else None
         gh32 = None
         if dense:
@@ -571,9 +591,8 @@ class TopKRKLTriton(torch.autograd.Function):
             filt = ctx.filter_eps
             if filt is None:
                 filt = default_filter_eps(hidden.dtype)
-            _dense_backward(hidden, weight, bias, lse, c, tau, gh32, gw32, gb32, ctx.deterministic, filt)
-        _sparse_backward(hidden, weight, ids, gs, gh32, grad_h, gw32, gb32, ctx.deterministic)
-        grad_w = None if gw32 is None else gw32.to(weight.dtype)
+            _dense_backward(hidden, weight, bias, lse, c, tau, gh32, grad_w, gb32, ctx.deterministic, filt)
+        _sparse_backward(hidden, weight, ids, gs, gh32, grad_h, grad_w, gb32)
         grad_b = None if gb32 is None else gb32.to(bias.dtype)
         return grad_h, grad_w, grad_b, None, None, None, None, None, None, None
 
@@ -624,7 +643,7 @@ def _sweep_specs(hidden_size, arch, dtype, allow_tf32, suffix):
             signature=dict(h_ptr=p, w_ptr=p, b_ptr=p, lse_ptr="*fp32", c_ptr="*fp32", gh_ptr="*fp32",
                            gw_ptr="*fp32", gb_ptr="*fp32", N="i32", V="i32", H="i32", inv_tau="fp32",
                            filter_eps="fp32", row_blocks_per_prog="i32", n_row_blocks="i32",
-                           tiles_per_prog="i32", n_tiles="i32", gh_split_stride="i64",
+                           tiles_per_prog="i32", tile_lo="i32", tile_hi="i32", gh_split_stride="i64",
                            HAS_BIAS="constexpr", COMPUTE_DH="constexpr", COMPUTE_DW="constexpr",
                            COMPUTE_DB="constexpr", ATOMIC="constexpr", FILTER="constexpr", BN="constexpr",
                            BV="constexpr", BH="constexpr", BHG="constexpr", DOT_PREC="constexpr"),
@@ -655,22 +674,18 @@ def compile_specs(hidden_size: int, arch: int = 90) -> list[CompileSpec]:
         num_warps=c["num_warps"], num_stages=c["num_stages"], has_matmul=False,
         config=dict(BK=c["BK"], BH=c["BH"], num_warps=c["num_warps"], H=hidden_size)))
     c = prod["sparse"]
-    for mode, atomic in (("atomic", True), ("det", False)):
-        specs.append(CompileSpec(
-            kernel=f"student_bwd_sparse_rows_{mode}", fn=_sparse_rows_kernel,
-            signature=dict(h_ptr=p, w_ptr=p, ids_ptr="*i64", g_ptr="*fp32", gh32_ptr="*fp32", gh_out_ptr=p,
-                           gw_ptr="*fp32", gb_ptr="*fp32", K="i32", H="i32", HAS_DENSE="constexpr",
-                           COMPUTE_DH="constexpr", ATOMIC_DW="constexpr", ATOMIC_DB="constexpr",
-                           BK="constexpr", BH="constexpr"),
-            constexprs=dict(HAS_DENSE=True, COMPUTE_DH=True, ATOMIC_DW=atomic, ATOMIC_DB=atomic, BK=c["BK"],
-                            BH=c["BH"]),
-            num_warps=c["num_warps"], num_stages=c["num_stages"], has_matmul=False,
-            config=dict(BK=c["BK"], BH=c["BH"], num_warps=c["num_warps"], H=hidden_size)))
+    specs.append(CompileSpec(
+        kernel="student_bwd_sparse_rows", fn=_sparse_rows_kernel,
+        signature=dict(w_ptr=p, ids_ptr="*i64", g_ptr="*fp32", gh32_ptr="*fp32", gh_out_ptr=p, K="i32", H="i32",
+                       HAS_DENSE="constexpr", BK="constexpr", BH="constexpr"),
+        constexprs=dict(HAS_DENSE=True, BK=c["BK"], BH=c["BH"]),
+        num_warps=c["num_warps"], num_stages=c["num_stages"], has_matmul=False,
+        config=dict(BK=c["BK"], BH=c["BH"], num_warps=c["num_warps"], H=hidden_size)))
     c = prod["segments"]
     specs.append(CompileSpec(
         kernel="student_bwd_sparse_segments", fn=_sparse_segments_kernel,
         signature=dict(h_ptr=p, sids_ptr="*i64", srows_ptr="*i32", sg_ptr="*fp32", send_ptr="*i64",
-                       gw_ptr="*fp32", gb_ptr="*fp32", H="i32", COMPUTE_DW="constexpr", COMPUTE_DB="constexpr",
+                       gw_ptr=p, gb_ptr="*fp32", H="i32", COMPUTE_DW="constexpr", COMPUTE_DB="constexpr",
                        BE="constexpr", BH="constexpr"),
         constexprs=dict(COMPUTE_DW=True, COMPUTE_DB=True, BE=c["BE"], BH=c["BH"]),
         num_warps=c["num_warps"], num_stages=c["num_stages"], has_matmul=False,
