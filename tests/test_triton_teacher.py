@@ -88,12 +88,37 @@ def test_fp32_bias_temperature_ignore(k):
 
 
 @pytest.mark.parametrize("launch", [dict(splits=1, block_n=16, block_v=64),
-                                    dict(splits=5, block_n=16, block_v=64, block_h=32),
-                                    dict(splits=40, block_n=64, block_v=128),
-                                    dict(splits=2, block_n=32, block_v=256, block_h=128)])
-def test_splits_and_blocks(launch):
+                                    dict(splits=5, block_n=16, block_v=64, block_h=32, cand_block=1),
+                                    dict(splits=40, block_n=64, block_v=128, cand_block=8),
+                                    dict(splits=2, block_n=32, block_v=256, block_h=128, cand_block=2),
+                                    dict(method="bitonic", splits=3, block_n=16, block_v=64, cand_block=0),
+                                    dict(method="bitonic", splits=2, block_n=32, block_v=64, cand_block=2)])
+def test_splits_blocks_methods(launch):
     hidden, weight, bias = _problem(seed=11)
     _run_and_check(hidden, weight, bias, 7, temperature=1.3, ignore=[0, 500], **launch)
+
+
+@pytest.mark.parametrize("method", ["extract", "bitonic"])
+def test_large_k_methods(method):
+    """k = 100 (KP = 128) through both top-K updates: candidate batches smaller than KP are padded and
+    merged many times per tile; bitonic with cand_block 16 switches between the small and the full sort."""
+    hidden, weight, bias = _problem(n=21, h=40, v=700, seed=13)
+    launch = dict(method=method, cand_block=16, splits=2, block_v=128)
+    _run_and_check(hidden, weight, bias, 100, temperature=0.9, ignore=[1, 2, 699], **launch)
+
+
+def test_minus_inf_logits():
+    """Ids with a −inf bias (vocabulary masking) still count as ids: selected only when nothing else is
+    left, reported with log-prob −inf; lse ignores them."""
+    hidden, weight, bias = _problem(n=6, h=16, v=150, seed=6)
+    bias[10:] = float("-inf")                                # only ids 0..9 are finite, k = 12 > 10
+    ids, lp, lse, _ = TT.teacher_topk(hidden, weight, bias, 12, 1.0, None, None, splits=2, block_v=64)
+    z = _ref_logits(hidden, weight, bias, 1.0)
+    assert_close("lse", lse, z.logsumexp(-1), 1e-6)
+    assert bool(((ids[:, :10] >= 0) & (ids[:, :10] < 10)).all())
+    assert bool((ids[:, 10:] >= 10).all() & (ids[:, 10:] < 150).all())
+    assert bool(torch.isneginf(lp[:, 10:]).all()) and bool(torch.isfinite(lp[:, :10]).all())
+    assert bool((ids[:, 10:] == torch.tensor([10, 11])).all())          # −inf ties: lower id first
 
 
 @pytest.mark.parametrize("order", ["front", "back"])
@@ -104,6 +129,7 @@ def test_tile_skipping(order):
     ramp = torch.linspace(30.0, 0.0, weight.shape[0], device=DEV)
     bias = ramp if order == "front" else ramp.flip(0)
     _run_and_check(hidden, weight, bias, 5, splits=3, block_v=64)
+    _run_and_check(hidden, weight, bias, 5, splits=3, block_v=64, method="bitonic", cand_block=2)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -153,18 +179,26 @@ def test_public_api_leading_dims():
     assert_close("token_logprobs", ours.token_logprobs.cpu(), ref.token_logprobs, 1e-5)
 
 
-def test_launcher_rejects_unsupported_k():
+def test_launcher_rejects_bad_options():
     hidden, weight, bias = _problem(n=4, h=16, v=600, seed=1)
     with pytest.raises(ValueError, match="k"):
         TT.teacher_topk(hidden, weight, bias, 257, 1.0, None, None)
+    with pytest.raises(ValueError, match="method"):
+        TT.teacher_topk(hidden, weight, bias, 5, 1.0, None, None, method="heap")
+    with pytest.raises(ValueError, match="cand_block"):
+        TT.teacher_topk(hidden, weight, bias, 5, 1.0, None, None, cand_block=3)
+    with pytest.raises(ValueError, match="block_v"):
+        TT.teacher_topk(hidden, weight, bias, 100, 1.0, None, None, method="bitonic", block_v=64)
 
 
 def test_compile_specs_cover_production_configs():
-    specs = TT.compile_specs(4096)
-    names = {s.kernel for s in specs}
-    assert {"teacher_sweep_k64", "teacher_sweep_k256", "teacher_token_logit"} <= names
-    for s in specs:
-        assert set(s.constexprs) <= set(s.signature)
-        assert all(s.signature[c] == "constexpr" for c in s.constexprs)
-        if s.kernel.startswith("teacher_sweep"):
-            assert s.constexprs["BV"] >= s.constexprs["KP"] and s.signature["h_ptr"] == "*bf16"
+    for arch in (90, 80):
+        specs = TT.compile_specs(4096, arch=arch)
+        names = {s.kernel for s in specs}
+        assert {"teacher_sweep_extract_k64", "teacher_sweep_extract_k256", "teacher_token_logit"} <= names
+        for s in specs:
+            assert set(s.constexprs) <= set(s.signature)
+            assert all(s.signature[c] == "constexpr" for c in s.constexprs)
+            if s.kernel.startswith("teacher_sweep"):
+                assert s.signature["h_ptr"] == "*bf16" and s.has_matmul
+                assert s.constexprs["EXTRACT"] or s.constexprs["BV"] >= s.constexprs["KP"]

@@ -122,6 +122,10 @@ _fix_interpreter_bf16_dot()
 
 # ---------------------------------------------------------------------------------------------- kernels
 
+_MIN_KEY = tl.constexpr(-9223372036854775807 - 1)      # empty slot: below every packed key
+_NEG_MAX = tl.constexpr(-3.4028234663852886e38)          # -inf logits are selectable as −FLT_MAX
+
+
 @triton.jit
 def _pack_keys(z, cols, selectable):
     """int64 keys ordered like ``(z, −col)``; non-selectable entries get the minimum int64."""
@@ -129,19 +133,91 @@ def _pack_keys(z, cols, selectable):
     ordered = bits ^ ((bits >> 31) & 0x7FFFFFFF)                       # signed order == float order
     low = (0x7FFFFFFF - cols).to(tl.int64)                             # lower id → larger key
     key = (ordered.to(tl.int64) << 32) | low
-    return tl.where(selectable, key, -9223372036854775807 - 1)
+    return tl.where(selectable, key, _MIN_KEY)
+
+
+@triton.jit
+def _key_value(key):
+    """The float packed in a key (−inf for the empty key)."""
+    hi = (key >> 32).to(tl.int32)
+    bits = hi ^ ((hi >> 31) & 0x7FFFFFFF)
+    return tl.where(key == _MIN_KEY, float("-inf"), bits.to(tl.float32, bitcast=True))
+
+
+@triton.jit
+def _merge_desc(best, top, KP: tl.constexpr):
+    """best ascending [BN, KP] ∪ top descending [BN, KP] → top-KP ascending. ``max(best, top)`` holds the
+    KP largest of the union as a bitonic sequence; one bitonic merge sorts it."""
+    if KP == 1:
+        return tl.maximum(best, top)
+    else:
+        return tl.bitonic_merge(tl.maximum(best, top), dim=1, descending=False)
+
+
+@triton.jit
+def _pad_desc(cand, C: tl.constexpr, KP: tl.constexpr, BN: tl.constexpr):
+    """[BN, C] descending → [BN, KP] descending, padded with the empty key."""
+    if C == KP:
+        return cand
+    else:
+        kcol = tl.arange(0, KP)
+        src = tl.broadcast_to(tl.minimum(kcol, C - 1)[None, :], [BN, KP])
+        return tl.where(kcol[None, :] < C, tl.gather(cand, src, axis=1), _MIN_KEY)
+
+
+@triton.jit
+def _update_extract(best, zc, hit, col0, K_SEL, KP: tl.constexpr, CB: tl.constexpr, BN: tl.constexpr,
+                    BV: tl.constexpr):
+    """Pull the tile's hits (keys above the row's k-th best) out in descending order by repeated arg-max,
+    CB per batch (at most k rounds: no more can enter the top-k), and merge each batch into ``best``.
+    Work ∝ the largest hit count of the block, which falls like k/t with the tile index t."""
+    offs_v = tl.arange(0, BV)
+    ccol = tl.arange(0, CB)
+    zs = tl.where(hit, zc, float("-inf"))                              # [BN, BV] hits only
+    cnt = tl.minimum(tl.max(tl.sum(hit.to(tl.int32), axis=1), axis=0), K_SEL)
+    for r0 in range(0, cnt, CB):
+        cand = tl.full([BN, CB], _MIN_KEY, tl.int64)
+        for c in range(r0, tl.minimum(r0 + CB, cnt)):
+            v, j = tl.max(zs, axis=1, return_indices=True, return_indices_tie_break_left=True)   # [BN]
+            key = _pack_keys(v, col0 + j, v > float("-inf"))
+            cand = tl.where(ccol[None, :] == c - r0, key[:, None], cand)
+            zs = tl.where(offs_v[None, :] == j[:, None], float("-inf"), zs)
+        best = _merge_desc(best, _pad_desc(cand, CB, KP, BN), KP)
+    return best
+
+
+@triton.jit
+def _update_bitonic(best, zc, hit, cols, sel, FAST_C: tl.constexpr, KP: tl.constexpr, BN: tl.constexpr):
+    """Sort the whole tile's keys: ``tl.topk`` to KP (or to FAST_C when no row has more hits)."""
+    keys = _pack_keys(zc, cols[None, :], sel)                          # [BN, BV]
+    cnt = tl.max(tl.sum(hit.to(tl.int32), axis=1), axis=0)
+    if cnt > 0:
+        if KP == 1:
+            best = tl.maximum(best, tl.max(keys, axis=1, keep_dims=True))
+        else:
+            if FAST_C > 0:
+                if cnt <= FAST_C:
+                    top = _pad_desc(tl.topk(keys, FAST_C, dim=1), FAST_C, KP, BN)
+                else:
+                    top = tl.topk(keys, KP, dim=1)                     # [BN, KP] descending
+            else:
+                top = tl.topk(keys, KP, dim=1)
+            best = _merge_desc(best, top, KP)
+    return best
 
 
 @triton.jit
 def _teacher_sweep_kernel(h_ptr, w_ptr, b_ptr, ign_ptr, m_ptr, s_ptr, key_ptr,
                           N, V, H, inv_tau, tiles_per_split, K_SEL,
                           HAS_BIAS: tl.constexpr, HAS_IGNORE: tl.constexpr, KP: tl.constexpr,
-                          BN: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr, EVEN_H: tl.constexpr,
-                          DOT_PREC: tl.constexpr):
-    """Program (row block, split): online (m, s) in base 2 and the top-KP keys (ascending) of its columns."""
+                          EXTRACT: tl.constexpr, CB: tl.constexpr, BN: tl.constexpr, BV: tl.constexpr,
+                          BH: tl.constexpr, EVEN_H: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Program (row block, split): online (m, s) in base 2 and the top-KP keys (ascending) of its columns.
+
+    EXTRACT: top-K update by repeated arg-max over the tile's hits (CB per merge); else bitonic ``tl.topk``
+    of the tile (to CB when every row has at most CB hits, CB = 0: always to KP)."""
     pid_n = tl.program_id(0)
     pid_s = tl.program_id(1)
-    n_splits = tl.num_programs(1)
     rows = pid_n * BN + tl.arange(0, BN)                               # [BN]
     row_ok = rows < N
     rows64 = rows.to(tl.int64)
@@ -151,12 +227,13 @@ def _teacher_sweep_kernel(h_ptr, w_ptr, b_ptr, ign_ptr, m_ptr, s_ptr, key_ptr,
 
     m = tl.full([BN], -1.0e30, tl.float32)                             # running max of z·log2(e)
     s = tl.zeros([BN], tl.float32)                                     # Σ 2^(z₂ − m)
-    best = tl.full([BN, KP], -9223372036854775807 - 1, tl.int64)       # ascending keys
-    min_key = tl.full([BN], -9223372036854775807 - 1, tl.int64)        # current k-th largest key
+    best = tl.full([BN, KP], _MIN_KEY, tl.int64)                       # ascending keys
+    thr = tl.full([BN], float("-inf"), tl.float32)                     # value of the k-th best key
 
     t0 = pid_s * tiles_per_split
     for i in range(0, tiles_per_split):
-        cols = (t0 + i) * BV + offs_v                                         # [BV]
+        col0 = (t0 + i) * BV
+        cols = col0 + offs_v                                           # [BV]
         col_ok = cols < V
         cols64 = cols.to(tl.int64)
         acc = tl.zeros([BN, BV], tl.float32)
@@ -183,21 +260,19 @@ def _teacher_sweep_kernel(h_ptr, w_ptr, b_ptr, ign_ptr, m_ptr, s_ptr, key_ptr,
         s = s * tl.exp2(m - m_new) + tl.sum(tl.exp2(z2 - m_new[:, None]), axis=1)
         m = m_new
 
-        # running top-K
+        # running top-K: a hit beats the row's k-th best (ties lose: this tile's ids are larger)
         sel = col_ok[None, :] & row_ok[:, None]
         if HAS_IGNORE:
             ign = tl.load(ign_ptr + cols64, mask=col_ok, other=1)                                 # [BV] int8
             sel = sel & (ign == 0)[None, :]
-        keys = _pack_keys(z, cols[None, :], sel)                       # [BN, BV]
-        hit = tl.max(tl.max((keys > min_key[:, None]).to(tl.int32), axis=1), axis=0)
-        if hit > 0:
-            if KP == 1:
-                best = tl.maximum(best, tl.max(keys, axis=1, keep_dims=True))
-            else:
-                top = tl.topk(keys, KP, dim=1)                         # [BN, KP] descending
-                best = tl.bitonic_merge(tl.maximum(best, top), dim=1, descending=False)
-            # k-th largest of the ascending list sits at KP − k
-            min_key = tl.sum(tl.where(kcol[None, :] == KP - K_SEL, best, 0), axis=1)
+        zc = tl.maximum(z, _NEG_MAX)
+        hit = sel & (zc > thr[:, None])                                # [BN, BV]
+        if EXTRACT:
+            best = _update_extract(best, zc, hit, col0, K_SEL, KP, CB, BN, BV)
+        else:
+            best = _update_bitonic(best, zc, hit, cols, sel, CB, KP, BN)
+        # k-th largest of the ascending list sits at KP − k
+        thr = _key_value(tl.sum(tl.where(kcol[None, :] == KP - K_SEL, best, 0), axis=1))
 
     out = pid_s.to(tl.int64) * N + rows64                              # [BN] offsets into [S, N]
     tl.store(m_ptr + out, m, mask=row_ok)
@@ -232,15 +307,28 @@ def _next_pow2(x: int) -> int:
     return 1 << max(0, (int(x) - 1).bit_length())
 
 
-def _config(kp: int, dtype: torch.dtype, interpret: bool) -> dict:
-    """Tile sizes: BV ≥ KP (the tile's top-KP needs KP candidates); warps sized so keys stay in registers."""
+def _config(kp: int, method: str, interpret: bool, arch: int = 90) -> dict:
+    """Launch configuration, checked free of spills on sm_90 and sm_80 with ``compile_specs``. ``extract``
+    has no constraint between BV and KP; ``bitonic`` holds the tile's int64 keys and needs BV ≥ KP."""
     if interpret:
-        return dict(BN=32, BV=max(64, kp), BH=64, num_warps=4, num_stages=1)
-    if kp <= 64:
-        return dict(BN=64, BV=128, BH=64, num_warps=8, num_stages=3)
-    if kp <= 128:
-        return dict(BN=64, BV=128, BH=64, num_warps=8, num_stages=3)
-    return dict(BN=64, BV=256, BH=64, num_warps=16, num_stages=3)
+        return dict(BN=32, BV=max(64, kp), BH=64, CB=min(kp, 4), num_warps=4, num_stages=1)
+    if method == "extract":
+        bn = 64 if arch >= 90 or kp <= 64 else 32
+        return dict(BN=bn, BV=128, BH=64, CB=min(kp, 8), num_warps=8, num_stages=3)
+    cb = 0 if kp < 16 or kp > 128 else min(kp // 4, 8)
+    if kp > 128:
+        return dict(BN=64, BV=256, BH=64, CB=cb, num_warps=16, num_stages=3)      # spills (see compile_specs)
+    if arch >= 90:
+        return dict(BN=64, BV=128, BH=64, CB=cb, num_warps=8, num_stages=3)
+    return dict(BN=64, BV=64, BH=64, CB=cb, num_warps=8, num_stages=3) if kp <= 64 else \
+        dict(BN=32, BV=128, BH=64, CB=cb, num_warps=8, num_stages=3)
+
+
+def _arch(device) -> int:
+    if device.type == "cuda":
+        major, minor = torch.cuda.get_device_capability(device)
+        return 10 * major + minor
+    return 90
 
 
 def _num_sms(device) -> int:
@@ -263,18 +351,21 @@ def _choose_splits(row_blocks: int, n_tiles: int, sms: int) -> int:
 
 
 def _decode_keys(keys: torch.Tensor):
-    """int64 keys → (ids int64, z float32)."""
+    """int64 keys → (ids int64, z float32); −FLT_MAX (a clamped −inf logit) decodes to −inf."""
     ids = 0x7FFFFFFF - (keys & 0xFFFFFFFF)
     hi = (keys >> 32).to(torch.int32)
     bits = hi ^ ((hi >> 31) & 0x7FFFFFFF)
-    return ids, bits.view(torch.float32)
+    z = bits.view(torch.float32)
+    return ids, z.masked_fill(z == -torch.finfo(torch.float32).max, float("-inf"))
 
 
 def teacher_topk(hidden, weight, bias, k, temperature, ignore_ids, token_ids, *, splits=None, block_n=None,
-                 block_v=None, block_h=None, **_options):
+                 block_v=None, block_h=None, method="extract", cand_block=None, **_options):
     """Backend entry (contract in ``opd_kernels.api``): ``(ids [N,k], logprobs [N,k], lse [N], token_lp)``.
 
-    ``splits`` / ``block_*`` override the launch configuration (tests); other options are ignored."""
+    ``method``: ``"extract"`` (default; repeated arg-max over each tile's hits) or ``"bitonic"`` (``tl.topk``
+    of every tile that has hits). ``splits`` / ``block_*`` / ``cand_block`` (CB) override the launch
+    configuration (tests, tuning); other options are ignored."""
     n, h_dim = hidden.shape
     vocab = weight.shape[0]
     dev = hidden.device
@@ -283,15 +374,25 @@ def teacher_topk(hidden, weight, bias, k, temperature, ignore_ids, token_ids, *,
         raise ValueError(f"k must be in [1, {_MAX_K}] for the Triton teacher kernel, got {k}")
     kp = _next_pow2(k)
     interpret = dev.type != "cuda"
-    cfg = _config(kp, hidden.dtype, interpret)
+    if method not in ("extract", "bitonic"):
+        raise ValueError(f"method must be 'extract' or 'bitonic', got {method!r}")
+    cfg = _config(kp, method, interpret, _arch(dev))
     if block_n is not None:
         cfg["BN"] = block_n
     if block_v is not None:
         cfg["BV"] = block_v
     if block_h is not None:
         cfg["BH"] = block_h
-    if cfg["BV"] < kp:
-        raise ValueError(f"block_v ({cfg['BV']}) must be ≥ next_pow2(k) = {kp}")
+    if cand_block is not None:
+        cfg["CB"] = int(cand_block)
+    cb = cfg["CB"]
+    if method == "bitonic":
+        if cfg["BV"] < kp:
+            raise ValueError(f"block_v ({cfg['BV']}) must be ≥ next_pow2(k) = {kp} for method='bitonic'")
+        if cb and (cb & (cb - 1) or cb >= kp):
+            raise ValueError(f"cand_block must be 0 or a power of two below {kp} for method='bitonic', got {cb}")
+    elif cb < 1 or cb & (cb - 1) or cb > kp:
+        raise ValueError(f"cand_block must be a power of two in [1, {kp}] for method='extract', got {cb}")
 
     ids = torch.full((n, k), -1, dtype=torch.long, device=dev)
     logprobs = torch.full((n, k), float("nan"), dtype=torch.float32, device=dev)
@@ -325,7 +426,8 @@ def teacher_topk(hidden, weight, bias, k, temperature, ignore_ids, token_ids, *,
     _teacher_sweep_kernel[(row_blocks, splits)](
         hidden, weight, dummy if bias is None else bias, dummy if ign is None else ign,
         part_m, part_s, part_k, n, vocab, h_dim, inv_tau, tiles_per_split, k,
-        HAS_BIAS=bias is not None, HAS_IGNORE=ign is not None, KP=kp, BN=bn, BV=bv, BH=bh,
+        HAS_BIAS=bias is not None, HAS_IGNORE=ign is not None, KP=kp, EXTRACT=method == "extract", CB=cb,
+        BN=bn, BV=bv, BH=bh,
         EVEN_H=h_dim % bh == 0, DOT_PREC="ieee" if hidden.dtype == torch.float32 else "tf32",
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
@@ -351,27 +453,30 @@ def teacher_topk(hidden, weight, bias, k, temperature, ignore_ids, token_ids, *,
 
 # ---------------------------------------------------------------------------------------------- compile check
 
-def compile_specs(hidden_size: int, dtype=torch.bfloat16) -> list[CompileSpec]:
-    """Sweep kernels at production configs for k ∈ {1, 20, 64, 128, 256} and the token kernel (bf16)."""
+def compile_specs(hidden_size: int, arch: int = 90, dtype=torch.bfloat16) -> list[CompileSpec]:
+    """Sweep kernels at production configs and the token kernel (bf16 by default), for
+    ``python -m opd_kernels.compile_check``."""
     p = "*" + _TL[dtype]
     prec = "ieee" if dtype == torch.float32 else "tf32"
-    even = hidden_size % 64 == 0
     specs = []
-    for k in (1, 20, 64, 128, 256):
-        kp = _next_pow2(k)
-        c = _config(kp, dtype, interpret=False)
-        specs.append(CompileSpec(
-            kernel=f"teacher_sweep_k{k}", fn=_teacher_sweep_kernel,
-            signature=dict(h_ptr=p, w_ptr=p, b_ptr=p, ign_ptr="*i8", m_ptr="*fp32", s_ptr="*fp32",
-                           key_ptr="*i64", N="i32", V="i32", H="i32", inv_tau="fp32", tiles_per_split="i32",
-                           K_SEL="i32", HAS_BIAS="constexpr", HAS_IGNORE="constexpr", KP="constexpr",
-                           BN="constexpr", BV="constexpr", BH="constexpr", EVEN_H="constexpr",
-                           DOT_PREC="constexpr"),
-            constexprs=dict(HAS_BIAS=False, HAS_IGNORE=True, KP=kp, BN=c["BN"], BV=c["BV"], BH=c["BH"],
-                            EVEN_H=even and hidden_size % c["BH"] == 0, DOT_PREC=prec),
-            num_warps=c["num_warps"], num_stages=c["num_stages"], has_matmul=True,
-            config=dict(k=k, KP=kp, BN=c["BN"], BV=c["BV"], BH=c["BH"], num_warps=c["num_warps"],
-                        num_stages=c["num_stages"], H=hidden_size)))
+    # the default method at every k class, and the alternative at the target k (it spills at k > 128)
+    for method, ks in (("extract", (1, 20, 64, 128, 256)), ("bitonic", (64,))):
+        for k in ks:
+            kp = _next_pow2(k)
+            c = _config(kp, method, interpret=False, arch=arch)
+            specs.append(CompileSpec(
+                kernel=f"teacher_sweep_{method}_k{k}", fn=_teacher_sweep_kernel,
+                signature=dict(h_ptr=p, w_ptr=p, b_ptr=p, ign_ptr="*i8", m_ptr="*fp32", s_ptr="*fp32",
+                               key_ptr="*i64", N="i32", V="i32", H="i32", inv_tau="fp32", tiles_per_split="i32",
+                               K_SEL="i32", HAS_BIAS="constexpr", HAS_IGNORE="constexpr", KP="constexpr",
+                               EXTRACT="constexpr", CB="constexpr", BN="constexpr", BV="constexpr",
+                               BH="constexpr", EVEN_H="constexpr", DOT_PREC="constexpr"),
+                constexprs=dict(HAS_BIAS=False, HAS_IGNORE=True, KP=kp, EXTRACT=method == "extract", CB=c["CB"],
+                                BN=c["BN"], BV=c["BV"], BH=c["BH"], EVEN_H=hidden_size % c["BH"] == 0,
+                                DOT_PREC=prec),
+                num_warps=c["num_warps"], num_stages=c["num_stages"], has_matmul=True,
+                config=dict(method=method, k=k, KP=kp, CB=c["CB"], BN=c["BN"], BV=c["BV"], BH=c["BH"],
+                            num_warps=c["num_warps"], num_stages=c["num_stages"], H=hidden_size)))
     specs.append(CompileSpec(
         kernel="teacher_token_logit", fn=_token_logit_kernel,
         signature=dict(h_ptr=p, w_ptr=p, b_ptr=p, tok_ptr="*i64", out_ptr="*fp32", N="i32", H="i32",
