@@ -30,7 +30,7 @@ PRESETS = {
         device="cuda", dtype="bfloat16", h=4096, k=64,
         sweep_vocab=(151936, 128256), sweep_n=(1024, 4096, 16384, 32768), variants_shape=(151936, 2048),
         teacher_n=(1024, 4096, 16384, 32768), repeats=None, memory_n=None,
-        compile_cases=("stopgrad", "renorm", "tail", "fkl", "sampled", "teacher"), err_max_nv=2**29,
+        compile_cases=("stopgrad", "teacher"), err_max_nv=2**29,
     ),
 }
 

@@ -140,8 +140,10 @@ def _compile_unavailable(spec, preset):
     case = "teacher" if spec.is_teacher else spec.case
     if case not in preset["compile_cases"]:
         which = ", ".join(preset["compile_cases"])
+        why = ("one compile takes 15–40 s on 2 CPU cores" if spec.device == "cpu"
+               else "each compile costs ~30 s of a 10-minute device call")
         return (f"preset {preset['name']!r} runs torch.compile " + (f"for {which} only" if which else "for no case")
-                + " (one compile takes 15–40 s on 2 CPU cores)")
+                + f" ({why})")
     return None
 
 

@@ -58,7 +58,7 @@ def environment(preset=None, argv=None):
         meta["cuda"] = torch.version.cuda
         meta["device"] = f"{meta['gpu']} (CUDA {meta['cuda']})"
     else:
-        meta["device"] = f"CPU: {meta['cpu']} ({meta['cpu_threads']} threads)"
+        meta["device"] = f"CPU: {meta['cpu']}, torch threads: {meta['cpu_threads']}"
     return meta
 
 
@@ -283,9 +283,9 @@ def plot(rows, out_dir):
             ax.set_title(f"{what}\nV={v} H={d['h']} K={d['k']} {d['dtype']}", fontsize=9)
             ax.set_xscale("log", base=2)
             ax.set_yscale("log")
-            fmt = matplotlib.ticker.FuncFormatter(lambda y, _: f"{y:g}")
-            ax.yaxis.set_major_formatter(fmt)
-            ax.yaxis.set_minor_formatter(fmt)
+            ax.yaxis.set_major_locator(matplotlib.ticker.LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+            ax.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda y, _: f"{y:g}"))
+            ax.yaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
             ax.set_xlabel("N (tokens)")
             ax.set_ylabel(ylabel)
             ax.grid(True, which="both", alpha=0.3)
@@ -356,9 +356,10 @@ def main(argv=None):
     out_dir = Path(argv[1]) if len(argv) > 1 else src.parent
     rows = load_rows(src)
     meta = None
-    if (src.parent / "results.json").exists() and src.suffix != ".json":
+    meta_src = src if src.suffix == ".json" else src.parent / "results.json"
+    if meta_src.exists():                       # keep the device, versions and command of the run
         try:
-            meta = json.loads((src.parent / "results.json").read_text())["meta"]
+            meta = json.loads(meta_src.read_text())["meta"]
         except Exception:
             meta = None
     for p in write_report(rows, out_dir, meta=meta):
