@@ -3,14 +3,19 @@ token log-probs, in one sweep over the vocabulary without ``[N, V]`` logits.
 
 Sweep kernel, grid ``(row blocks, vocab splits)``: each program walks the vocabulary tiles of its split,
 
-- ``z_tile = (h_blk @ W_tileᵀ + b) / τ`` with ``tl.dot`` (fp32 accumulation)          # [BN, BV]
+- ``z_tile = (h_blk @ W_tileᵀ + b) / τ`` with ``tl.dot`` (fp32 accumulation)                # [BN, BV]
 - online log-sum-exp in base 2: ``m ← max(m, max z₂)``, ``s ← s·2^(m_old−m) + Σ 2^(z₂−m)``, ``z₂ = z·log₂e``
-- running top-K on packed int64 keys ``(ord(z) << 32) | (2³¹−1 − id)`` where ``ord`` is the order-preserving
+- a running top-K on packed int64 keys ``(ord(z) << 32) | (2³¹−1 − id)``: ``ord`` is the order-preserving
   int32 image of the float, so one integer comparison orders by value and, on ties, prefers the lower id.
-  ``best`` (ascending, ``KP = next_pow2(k)`` keys per row) is merged with the tile's descending top-KP:
-  ``max(best_asc, tile_desc)`` holds the top-KP of the union as a bitonic sequence, and one bitonic merge
-  sorts it. A tile whose keys all lie below every row's current k-th key is skipped. Ignored and
-  out-of-range ids get the smallest key (never selected); ignored ids still enter the log-sum-exp.
+  ``best`` holds ``KP = next_pow2(k)`` keys per row, ascending. A tile entry is a *hit* when it beats its
+  row's k-th best value (equal values lose: the tile's ids are larger); tiles without hits cost nothing more.
+  Hits are merged as a descending candidate list ``c``: ``max(best, c)`` holds the KP largest of the union
+  as a bitonic sequence and one bitonic merge sorts it. Candidates come from repeated arg-max over the
+  tile's hits (``method="extract"``, default: work ∝ the block's largest hit count, which falls like
+  k / tile index) or from ``tl.topk`` of the whole tile (``method="bitonic"``, fixed cost per tile with hits).
+  Ignored and out-of-range ids are never hits; ignored ids still enter the log-sum-exp. A ``−inf`` logit is
+  selectable as ``−FLT_MAX`` and reported as ``−inf``. Entries of ``best`` below the k-th may go stale (a
+  tile without hits is not merged), but all are real, distinct ids, so the top k stay exact.
 
 Partial ``(m, s, best)`` per split are merged in PyTorch on ``O(N · splits · KP)`` data (a top-k over unique
 integer keys: deterministic). Token log-probs come from a small gathered-dot-product kernel.
@@ -28,7 +33,6 @@ import triton.language as tl
 
 from ._compile import CompileSpec
 
-_LOG2E = 1.4426950408889634
 _LN2 = 0.6931471805599453
 _MAX_K = 256
 _TL = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
@@ -231,7 +235,7 @@ def _teacher_sweep_kernel(h_ptr, w_ptr, b_ptr, ign_ptr, m_ptr, s_ptr, key_ptr,
     thr = tl.full([BN], float("-inf"), tl.float32)                     # value of the k-th best key
 
     t0 = pid_s * tiles_per_split
-    for i in range(0, tiles_per_split):
+    for i in range(0, tl.minimum(tiles_per_split, tl.cdiv(V, BV) - t0)):   # the last split may be shorter
         col0 = (t0 + i) * BV
         cols = col0 + offs_v                                           # [BV]
         col_ok = cols < V
@@ -421,7 +425,7 @@ def teacher_topk(hidden, weight, bias, k, temperature, ignore_ids, token_ids, *,
 
     part_m = torch.full((splits, n), float("nan"), dtype=torch.float32, device=dev)
     part_s = torch.full((splits, n), float("nan"), dtype=torch.float32, device=dev)
-    part_k = torch.empty((splits, n, kp), dtype=torch.long, device=dev)
+    part_k = torch.full((splits, n, kp), 2**63 - 1, dtype=torch.long, device=dev)   # poison: wins, decodes out of range
     dummy = hidden
     _teacher_sweep_kernel[(row_blocks, splits)](
         hidden, weight, dummy if bias is None else bias, dummy if ign is None else ign,
