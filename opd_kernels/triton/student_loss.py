@@ -45,7 +45,8 @@ from ._compile import CompileSpec
 def _patch_interpreter_index():
     """Triton 3.6's interpreter converts scalar tensors (1-element arrays) with ``int(array)``, which
     NumPy ≥ 2.4 rejects ("only 0-dimensional arrays ..."): loops with runtime bounds then fail under
-    TRITON_INTERPRET=1. Re-define ``__index__`` through ``.item()`` (no effect on compiled kernels)."""
+    TRITON_INTERPRET=1. Re-define ``__index__`` through the first element; also widen bf16 ``tl.dot``
+    operands (below). Interpreter only: no effect on compiled kernels; idempotent (shared markers)."""
     if os.environ.get("TRITON_INTERPRET") != "1":
         return
     try:
@@ -53,21 +54,19 @@ def _patch_interpreter_index():
     except ImportError:                                                    # pragma: no cover
         return
     orig = getattr(_interp, "_patch_lang_tensor", None)
-    if orig is None or getattr(orig, "_opd_fixed", False):
-        return
+    if orig is not None and not getattr(orig, "_opd_fixed", False):     # same marker as teacher_topk's fix
+        def patched(tensor, scope):
+            orig(tensor, scope)
+            scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
 
-    def patched(tensor, scope):
-        orig(tensor, scope)
-        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-    patched._opd_fixed = True
-    _interp._patch_lang_tensor = patched
+        patched._opd_fixed = True
+        _interp._patch_lang_tensor = patched
 
     # The interpreter stores bf16 as uint16 and feeds those raw bits to np.matmul in tl.dot: widen bf16
     # operands to fp32 first (exact; the GPU multiplies bf16 exactly and accumulates in fp32 too).
-    builder = _interp.InterpreterBuilder
-    orig_dot = builder.create_dot
-    if getattr(orig_dot, "_opd_fixed", False):
+    builder = getattr(_interp, "InterpreterBuilder", None)
+    orig_dot = getattr(builder, "create_dot", None)
+    if orig_dot is None or getattr(orig_dot, "_opd_fixed", False):
         return
 
     def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
