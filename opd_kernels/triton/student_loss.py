@@ -14,7 +14,8 @@ Kernels (none allocates ``[N, V]`` or ``[chunk, V]``):
 - ``_bwd_dense_kernel``: recomputes logit tiles, ``dz = −c π / τ`` → ``grad_h += dz W``, ``grad_W += dzᵀ h``,
   ``grad_b += Σ_n dz``; tiles where every ``π_nj`` (of rows with ``c_n ≠ 0``) is below ``filter_eps`` are
   skipped (their dense gradient, relative to the row's scale ``|c_n|/τ``, is below ``filter_eps``).
-  Default mode: one program per (row block, vocabulary split), fp32 atomics. Deterministic mode: grad_h by
+  Default mode: one program per (row block, vocabulary split), fp32 atomics (grad_h without atomics when a
+  program owns all of a slab's vocabulary for its rows, i.e. one split). Deterministic mode: grad_h by
   programs owning (row block, split) writing a private buffer slice, grad_W/grad_b by programs owning a
   vocabulary tile looping over every row block (plain read-modify-write, fixed order).
   The vocabulary is processed in slabs whose fp32 grad_W accumulator is ≤ ``_SLAB_BYTES``; each finished
@@ -170,8 +171,8 @@ def _bwd_dense_kernel(h_ptr, w_ptr, b_ptr, lse_ptr, c_ptr, gh_ptr, gw_ptr, gb_pt
                       N, V, H, inv_tau, filter_eps, row_blocks_per_prog, n_row_blocks, tiles_per_prog,
                       tile_lo, tile_hi, gh_split_stride,
                       HAS_BIAS: tl.constexpr, COMPUTE_DH: tl.constexpr, COMPUTE_DW: tl.constexpr,
-                      COMPUTE_DB: tl.constexpr, ATOMIC: tl.constexpr, FILTER: tl.constexpr,
-                      BN: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr, BHG: tl.constexpr,
+                      COMPUTE_DB: tl.constexpr, ATOMIC_DH: tl.constexpr, ATOMIC_DW: tl.constexpr,
+                      FILTER: tl.constexpr, BN: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr, BHG: tl.constexpr,
                       DOT_PREC: tl.constexpr):
     """Dense gradient part dz = −c π / τ over the tiles of program (a, b): row blocks [a·RB, (a+1)·RB) ×
     vocabulary tiles [lo + b·TP, lo + (b+1)·TP) ∩ [lo, hi).  grad_h goes to gh + b·gh_split_stride (fp32),
@@ -203,7 +204,7 @@ def _bwd_dense_kernel(h_ptr, w_ptr, b_ptr, lse_ptr, c_ptr, gh_ptr, gw_ptr, gb_pt
                 dz = p * (-c * inv_tau)[:, None]                           # [BN, BV] fp32
                 if COMPUTE_DB:
                     db = tl.sum(dz, axis=0)                                # [BV]
-                    if ATOMIC:
+                    if ATOMIC_DW:
                         tl.atomic_add(gb_ptr + cols, db, mask=cmask)
                     else:
                         tl.store(gb_ptr + cols, tl.load(gb_ptr + cols, mask=cmask, other=0.0) + db, mask=cmask)
@@ -217,7 +218,7 @@ def _bwd_dense_kernel(h_ptr, w_ptr, b_ptr, lse_ptr, c_ptr, gh_ptr, gw_ptr, gb_pt
                         dh = tl.dot(dzc, wk, input_precision=DOT_PREC)                       # [BN, BHG]
                         gh_off = gh_base + rows[:, None] * H + hk[None, :]
                         gh_mask = rmask[:, None] & hmask[None, :]
-                        if ATOMIC:
+                        if ATOMIC_DH:
                             tl.atomic_add(gh_off, dh, mask=gh_mask)
                         else:
                             tl.store(gh_off, tl.load(gh_off, mask=gh_mask, other=0.0) + dh, mask=gh_mask)
@@ -227,7 +228,7 @@ def _bwd_dense_kernel(h_ptr, w_ptr, b_ptr, lse_ptr, c_ptr, gh_ptr, gw_ptr, gb_pt
                         dw = tl.dot(tl.trans(dzc), hk_t, input_precision=DOT_PREC)         # [BV, BH]
                         gw_off = gw_base + cols[:, None] * H + hk[None, :]
                         gw_mask = cmask[:, None] & hmask[None, :]
-                        if ATOMIC:
+                        if ATOMIC_DW:
                             tl.atomic_add(gw_off, dw, mask=gw_mask)
                         else:
                             tl.store(gw_off, tl.load(gw_off, mask=gw_mask, other=0.0) + dw, mask=gw_mask)
@@ -387,7 +388,7 @@ def _dot_prec(dtype, allow_tf32=None):
 
 
 def default_filter_eps(dtype) -> float:
-    """Skip threshold on π (relative dense gradient): the dtype's epsilon × 2⁻¹⁶ (bf16 2⁻²³, fp32 2⁻³⁹)."""
+    """Skip threshold on π (relative dense gradient): dtype epsilon × 2⁻¹⁶ (bf16 2⁻²³, fp32 2⁻³⁹)."""
     return torch.finfo(dtype).eps * 2.0 ** -16
 
 
@@ -483,20 +484,21 @@ def _dense_backward(hidden, weight, bias, lse, c, temperature, gh32, grad_w, gb3
                 *args, gh32 if gh32 is not None else dummy, gw, gb32 if gb32 is not None else dummy, *scal,
                 1, n_rb, per, lo, hi, 0,
                 COMPUTE_DH=gh32 is not None, COMPUTE_DW=gw_buf is not None, COMPUTE_DB=gb32 is not None,
-                ATOMIC=True, **common)
+                ATOMIC_DH=splits > 1, ATOMIC_DW=True, **common)
         else:
             if det_h is not None:
                 splits = 1 if det_h is gh32 else det_h.shape[0]
                 per = triton.cdiv(hi - lo, splits)
                 _bwd_dense_kernel[(n_rb, triton.cdiv(hi - lo, per))](
                     *args, det_h, dummy, dummy, *scal, 1, n_rb, per, lo, hi, n * hdim,
-                    COMPUTE_DH=True, COMPUTE_DW=False, COMPUTE_DB=False, ATOMIC=False, **common)
+                    COMPUTE_DH=True, COMPUTE_DW=False, COMPUTE_DB=False, ATOMIC_DH=False, ATOMIC_DW=False,
+                    **common)
             if gw_buf is not None or gb32 is not None:
                 # one program per vocabulary tile, looping over every row block: plain read-modify-write
                 _bwd_dense_kernel[(1, hi - lo)](
                     *args, dummy, gw, gb32 if gb32 is not None else dummy, *scal, n_rb, n_rb, 1, lo, hi, 0,
                     COMPUTE_DH=False, COMPUTE_DW=gw_buf is not None, COMPUTE_DB=gb32 is not None,
-                    ATOMIC=False, **common)
+                    ATOMIC_DH=False, ATOMIC_DW=False, **common)
         if gw_buf is not None and gw_buf is not grad_w:
             rows = min(hi * bv, vocab) - lo * bv
             grad_w[lo * bv:lo * bv + rows].copy_(gw_buf[:rows])
@@ -634,9 +636,14 @@ def _sweep_specs(hidden_size, arch, dtype, allow_tf32, suffix):
             config=dict(dtype=_TL[dtype], dot=prec, BN=c["BN"], BV=c["BV"], BH=c["BH"],
                         num_warps=c["num_warps"], num_stages=c["num_stages"], H=hidden_size)))
     c = _prod_cfg("bwd", arch, dtype, allow_tf32)
-    for mode, flags in (("atomic", dict(COMPUTE_DH=True, COMPUTE_DW=True, COMPUTE_DB=True, ATOMIC=True)),
-                        ("det_dh", dict(COMPUTE_DH=True, COMPUTE_DW=False, COMPUTE_DB=False, ATOMIC=False)),
-                        ("det_dw", dict(COMPUTE_DH=False, COMPUTE_DW=True, COMPUTE_DB=True, ATOMIC=False))):
+    for mode, flags in (("atomic", dict(COMPUTE_DH=True, COMPUTE_DW=True, COMPUTE_DB=True, ATOMIC_DH=True,
+                                        ATOMIC_DW=True)),
+                        ("owned_rows", dict(COMPUTE_DH=True, COMPUTE_DW=True, COMPUTE_DB=True, ATOMIC_DH=False,
+                                            ATOMIC_DW=True)),
+                        ("det_dh", dict(COMPUTE_DH=True, COMPUTE_DW=False, COMPUTE_DB=False, ATOMIC_DH=False,
+                                        ATOMIC_DW=False)),
+                        ("det_dw", dict(COMPUTE_DH=False, COMPUTE_DW=True, COMPUTE_DB=True, ATOMIC_DH=False,
+                                        ATOMIC_DW=False))):
         specs.append(CompileSpec(
             kernel=f"student_bwd_dense_{mode}{suffix}", fn=_bwd_dense_kernel,
             signature=dict(h_ptr=p, w_ptr=p, b_ptr=p, lse_ptr="*fp32", c_ptr="*fp32", gh_ptr="*fp32",
@@ -644,8 +651,9 @@ def _sweep_specs(hidden_size, arch, dtype, allow_tf32, suffix):
                            filter_eps="fp32", row_blocks_per_prog="i32", n_row_blocks="i32",
                            tiles_per_prog="i32", tile_lo="i32", tile_hi="i32", gh_split_stride="i64",
                            HAS_BIAS="constexpr", COMPUTE_DH="constexpr", COMPUTE_DW="constexpr",
-                           COMPUTE_DB="constexpr", ATOMIC="constexpr", FILTER="constexpr", BN="constexpr",
-                           BV="constexpr", BH="constexpr", BHG="constexpr", DOT_PREC="constexpr"),
+                           COMPUTE_DB="constexpr", ATOMIC_DH="constexpr", ATOMIC_DW="constexpr",
+                           FILTER="constexpr", BN="constexpr", BV="constexpr", BH="constexpr", BHG="constexpr",
+                           DOT_PREC="constexpr"),
             constexprs=dict(HAS_BIAS=True, FILTER=True, BN=c["BN"], BV=c["BV"], BH=c["BH"], BHG=c["BHG"],
                             DOT_PREC=prec, **flags),
             num_warps=c["num_warps"], num_stages=c["num_stages"], has_matmul=tensor_cores,
