@@ -92,7 +92,9 @@ def test_fp32_bias_temperature_ignore(k):
                                     dict(splits=40, block_n=64, block_v=128, cand_block=8),
                                     dict(splits=2, block_n=32, block_v=256, block_h=128, cand_block=2),
                                     dict(method="bitonic", splits=3, block_n=16, block_v=64, cand_block=0),
-                                    dict(method="bitonic", splits=2, block_n=32, block_v=64, cand_block=2)])
+                                    dict(method="bitonic", splits=2, block_n=32, block_v=64, cand_block=2),
+                                    dict(tma=True, splits=3, block_n=16, block_v=64, block_h=32),
+                                    dict(tma=True, method="bitonic", splits=2, block_n=64, block_v=128)])
 def test_splits_blocks_methods(launch):
     hidden, weight, bias = _problem(seed=11)
     _run_and_check(hidden, weight, bias, 7, temperature=1.3, ignore=[0, 500], **launch)
@@ -136,7 +138,7 @@ def test_tile_skipping(order):
 def test_half_inputs(dtype):
     hidden, weight, bias = _problem(n=29, h=80, v=611, seed=3, dtype=dtype)
     _run_and_check(hidden, weight, None, 20)
-    _run_and_check(hidden, weight, bias, 9, temperature=0.5, ignore=[7], splits=3)
+    _run_and_check(hidden, weight, bias, 9, temperature=0.5, ignore=[7], splits=3, tma=True)
 
 
 def test_even_hidden_and_no_tokens():
@@ -200,5 +202,9 @@ def test_compile_specs_cover_production_configs():
             assert set(s.constexprs) <= set(s.signature)
             assert all(s.signature[c] == "constexpr" for c in s.constexprs)
             if s.kernel.startswith("teacher_sweep"):
-                assert s.signature["h_ptr"] == "*bf16" and s.has_matmul
+                assert s.has_matmul and s.signature["b_ptr"] == "*bf16"
+                tma = s.constexprs["TMA"]
+                assert tma == (arch >= 90)
+                assert s.signature["h_src"] == (f"tensordesc<bf16[{s.constexprs['BN']}, {s.constexprs['BH']}]>"
+                                                if tma else "*bf16")
                 assert s.constexprs["EXTRACT"] or s.constexprs["BV"] >= s.constexprs["KP"]

@@ -211,17 +211,19 @@ def _update_bitonic(best, zc, hit, cols, sel, FAST_C: tl.constexpr, KP: tl.const
 
 
 @triton.jit
-def _teacher_sweep_kernel(h_ptr, w_ptr, b_ptr, ign_ptr, m_ptr, s_ptr, key_ptr,
+def _teacher_sweep_kernel(h_src, w_src, b_ptr, ign_ptr, m_ptr, s_ptr, key_ptr,
                           N, V, H, inv_tau, tiles_per_split, K_SEL,
                           HAS_BIAS: tl.constexpr, HAS_IGNORE: tl.constexpr, KP: tl.constexpr,
                           EXTRACT: tl.constexpr, CB: tl.constexpr, BN: tl.constexpr, BV: tl.constexpr,
-                          BH: tl.constexpr, EVEN_H: tl.constexpr, DOT_PREC: tl.constexpr):
-    """Program (row block, split): online (m, s) in base 2 and the top-KP keys (ascending) of its columns.
+                          BH: tl.constexpr, EVEN_H: tl.constexpr, TMA: tl.constexpr, DOT_PREC: tl.constexpr):
+    """Program (split, row block), split fastest so that concurrent programs share few hidden blocks (L2):
+    online (m, s) in base 2 and the top-KP keys (ascending) of its columns.
 
-    EXTRACT: top-K update by repeated arg-max over the tile's hits (CB per merge); else bitonic ``tl.topk``
-    of the tile (to CB when every row has at most CB hits, CB = 0: always to KP)."""
-    pid_n = tl.program_id(0)
-    pid_s = tl.program_id(1)
+    h_src / w_src: pointers, or tensor descriptors with blocks [BN, BH] / [BV, BH] when TMA (bounds are
+    zero-filled by the copy engine). EXTRACT: top-K update by repeated arg-max over the tile's hits (CB per
+    merge); else bitonic ``tl.topk`` of the tile (to CB when every row has at most CB hits; CB = 0: to KP)."""
+    pid_s = tl.program_id(0)
+    pid_n = tl.program_id(1)
     rows = pid_n * BN + tl.arange(0, BN)                               # [BN]
     row_ok = rows < N
     rows64 = rows.to(tl.int64)
@@ -242,15 +244,19 @@ def _teacher_sweep_kernel(h_ptr, w_ptr, b_ptr, ign_ptr, m_ptr, s_ptr, key_ptr,
         cols64 = cols.to(tl.int64)
         acc = tl.zeros([BN, BV], tl.float32)
         for k0 in range(0, H, BH):
-            hk = k0 + offs_h
-            if EVEN_H:
-                h_mask = row_ok[:, None]
-                w_mask = col_ok[None, :]
+            if TMA:
+                h_tile = h_src.load([pid_n * BN, k0])                                              # [BN, BH]
+                w_tile = w_src.load([col0, k0]).T                                                  # [BH, BV]
             else:
-                h_mask = row_ok[:, None] & (hk[None, :] < H)
-                w_mask = col_ok[None, :] & (hk[:, None] < H)
-            h_tile = tl.load(h_ptr + rows64[:, None] * H + hk[None, :], mask=h_mask, other=0.0)    # [BN, BH]
-            w_tile = tl.load(w_ptr + cols64[None, :] * H + hk[:, None], mask=w_mask, other=0.0)    # [BH, BV]
+                hk = k0 + offs_h
+                if EVEN_H:
+                    h_mask = row_ok[:, None]
+                    w_mask = col_ok[None, :]
+                else:
+                    h_mask = row_ok[:, None] & (hk[None, :] < H)
+                    w_mask = col_ok[None, :] & (hk[:, None] < H)
+                h_tile = tl.load(h_src + rows64[:, None] * H + hk[None, :], mask=h_mask, other=0.0)
+                w_tile = tl.load(w_src + cols64[None, :] * H + hk[:, None], mask=w_mask, other=0.0)
             acc = tl.dot(h_tile, w_tile, acc, input_precision=DOT_PREC)
         if HAS_BIAS:
             b = tl.load(b_ptr + cols64, mask=col_ok, other=0.0).to(tl.float32)                    # [BV]
@@ -313,19 +319,28 @@ def _next_pow2(x: int) -> int:
 
 def _config(kp: int, method: str, interpret: bool, arch: int = 90) -> dict:
     """Launch configuration, checked free of spills on sm_90 and sm_80 with ``compile_specs``. ``extract``
-    has no constraint between BV and KP; ``bitonic`` holds the tile's int64 keys and needs BV ≥ KP."""
+    has no constraint between BV and KP; ``bitonic`` holds the tile's int64 keys and needs BV ≥ KP.
+    On sm_90 the tiles load through tensor descriptors (TMA), which frees the address registers."""
     if interpret:
-        return dict(BN=32, BV=max(64, kp), BH=64, CB=min(kp, 4), num_warps=4, num_stages=1)
+        return dict(BN=32, BV=max(64, kp), BH=64, CB=min(kp, 4), num_warps=4, num_stages=1, TMA=False)
+    tma = arch >= 90
     if method == "extract":
         bn = 64 if arch >= 90 or kp <= 64 else 32
-        return dict(BN=bn, BV=128, BH=64, CB=min(kp, 8), num_warps=8, num_stages=3)
+        return dict(BN=bn, BV=128, BH=64, CB=min(kp, 8), num_warps=8, num_stages=3, TMA=tma)
     cb = 0 if kp < 16 or kp > 128 else min(kp // 4, 8)
     if kp > 128:
-        return dict(BN=64, BV=256, BH=64, CB=cb, num_warps=16, num_stages=3)      # spills (see compile_specs)
+        return dict(BN=64, BV=256, BH=64, CB=cb, num_warps=16, num_stages=3, TMA=tma)   # spills
     if arch >= 90:
-        return dict(BN=64, BV=128, BH=64, CB=cb, num_warps=8, num_stages=3)
-    return dict(BN=64, BV=64, BH=64, CB=cb, num_warps=8, num_stages=3) if kp <= 64 else \
-        dict(BN=32, BV=128, BH=64, CB=cb, num_warps=8, num_stages=3)
+        return dict(BN=64, BV=128, BH=64, CB=cb, num_warps=8, num_stages=3, TMA=tma)
+    if kp <= 64:
+        return dict(BN=64, BV=64, BH=64, CB=cb, num_warps=8, num_stages=3, TMA=tma)
+    return dict(BN=32, BV=128, BH=64, CB=cb, num_warps=8, num_stages=3, TMA=tma)
+
+
+def _tma_ok(hidden, weight) -> bool:
+    """Tensor descriptors need 16-byte aligned bases and row strides."""
+    size = hidden.element_size()
+    return all(t.data_ptr() % 16 == 0 and (t.stride(0) * size) % 16 == 0 for t in (hidden, weight))
 
 
 def _arch(device) -> int:
@@ -364,12 +379,13 @@ def _decode_keys(keys: torch.Tensor):
 
 
 def teacher_topk(hidden, weight, bias, k, temperature, ignore_ids, token_ids, *, splits=None, block_n=None,
-                 block_v=None, block_h=None, method="extract", cand_block=None, **_options):
+                 block_v=None, block_h=None, method="extract", cand_block=None, tma=None, **_options):
     """Backend entry (contract in ``opd_kernels.api``): ``(ids [N,k], logprobs [N,k], lse [N], token_lp)``.
 
     ``method``: ``"extract"`` (default; repeated arg-max over each tile's hits) or ``"bitonic"`` (``tl.topk``
     of every tile that has hits). ``splits`` / ``block_*`` / ``cand_block`` (CB) override the launch
-    configuration (tests, tuning); other options are ignored."""
+    configuration, ``tma`` the loads through tensor descriptors (default: on sm_90+ when the strides allow;
+    tests, tuning); other options are ignored."""
     n, h_dim = hidden.shape
     vocab = weight.shape[0]
     dev = hidden.device
@@ -427,12 +443,21 @@ def teacher_topk(hidden, weight, bias, k, temperature, ignore_ids, token_ids, *,
     part_s = torch.full((splits, n), float("nan"), dtype=torch.float32, device=dev)
     part_k = torch.full((splits, n, kp), 2**63 - 1, dtype=torch.long, device=dev)   # poison: wins, decodes out of range
     dummy = hidden
-    _teacher_sweep_kernel[(row_blocks, splits)](
-        hidden, weight, dummy if bias is None else bias, dummy if ign is None else ign,
+    if tma is None:
+        tma = cfg["TMA"]
+    tma = bool(tma) and _tma_ok(hidden, weight)
+    if tma:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+        h_src = TensorDescriptor.from_tensor(hidden, [bn, bh])
+        w_src = TensorDescriptor.from_tensor(weight, [bv, bh])
+    else:
+        h_src, w_src = hidden, weight
+    _teacher_sweep_kernel[(splits, row_blocks)](
+        h_src, w_src, dummy if bias is None else bias, dummy if ign is None else ign,
         part_m, part_s, part_k, n, vocab, h_dim, inv_tau, tiles_per_split, k,
         HAS_BIAS=bias is not None, HAS_IGNORE=ign is not None, KP=kp, EXTRACT=method == "extract", CB=cb,
-        BN=bn, BV=bv, BH=bh,
-        EVEN_H=h_dim % bh == 0, DOT_PREC="ieee" if hidden.dtype == torch.float32 else "tf32",
+        BN=bn, BV=bv, BH=bh, EVEN_H=h_dim % bh == 0, TMA=tma,
+        DOT_PREC="ieee" if hidden.dtype == torch.float32 else "tf32",
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
     # merge the splits: lse = log Σ_s s_s 2^(m_s) ; top-k of all partial keys (unique → deterministic)
@@ -470,16 +495,18 @@ def compile_specs(hidden_size: int, arch: int = 90, dtype=torch.bfloat16) -> lis
             c = _config(kp, method, interpret=False, arch=arch)
             specs.append(CompileSpec(
                 kernel=f"teacher_sweep_{method}_k{k}", fn=_teacher_sweep_kernel,
-                signature=dict(h_ptr=p, w_ptr=p, b_ptr=p, ign_ptr="*i8", m_ptr="*fp32", s_ptr="*fp32",
+                signature=dict(h_src=f"tensordesc<{_TL[dtype]}[{c['BN']}, {c['BH']}]>" if c["TMA"] else p,
+                               w_src=f"tensordesc<{_TL[dtype]}[{c['BV']}, {c['BH']}]>" if c["TMA"] else p,
+                               b_ptr=p, ign_ptr="*i8", m_ptr="*fp32", s_ptr="*fp32",
                                key_ptr="*i64", N="i32", V="i32", H="i32", inv_tau="fp32", tiles_per_split="i32",
                                K_SEL="i32", HAS_BIAS="constexpr", HAS_IGNORE="constexpr", KP="constexpr",
                                EXTRACT="constexpr", CB="constexpr", BN="constexpr", BV="constexpr",
-                               BH="constexpr", EVEN_H="constexpr", DOT_PREC="constexpr"),
+                               BH="constexpr", EVEN_H="constexpr", TMA="constexpr", DOT_PREC="constexpr"),
                 constexprs=dict(HAS_BIAS=False, HAS_IGNORE=True, KP=kp, EXTRACT=method == "extract", CB=c["CB"],
                                 BN=c["BN"], BV=c["BV"], BH=c["BH"], EVEN_H=hidden_size % c["BH"] == 0,
-                                DOT_PREC=prec),
+                                TMA=c["TMA"], DOT_PREC=prec),
                 num_warps=c["num_warps"], num_stages=c["num_stages"], has_matmul=True,
-                config=dict(method=method, k=k, KP=kp, CB=c["CB"], BN=c["BN"], BV=c["BV"], BH=c["BH"],
+                config=dict(method=method, k=k, KP=kp, CB=c["CB"], BN=c["BN"], BV=c["BV"], BH=c["BH"], TMA=c["TMA"],
                             num_warps=c["num_warps"], num_stages=c["num_stages"], H=hidden_size)))
     specs.append(CompileSpec(
         kernel="teacher_token_logit", fn=_token_logit_kernel,
