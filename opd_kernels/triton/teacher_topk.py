@@ -357,9 +357,11 @@ def _num_sms(device) -> int:
 
 
 def _choose_splits(row_blocks: int, n_tiles: int, sms: int) -> int:
-    """Smallest split count whose grid fills the SMs best (wave efficiency), at most 8 waves deep."""
-    hi = max(1, min(n_tiles, -(-8 * sms // row_blocks)))
-    lo = max(1, min(hi, -(-sms // row_blocks)))
+    """Vocabulary splits. At least enough programs to fill the SMs, and at least sms/32 splits so that the
+    programs running together (split index fastest) touch ≤ ~32 hidden blocks, which stay in L2 while the
+    weight tiles stream; within [lo, 2·lo] the count with the best wave efficiency (smallest on ties)."""
+    lo = max(1, min(n_tiles, max(-(-sms // row_blocks), -(-sms // 32))))
+    hi = max(lo, min(n_tiles, 2 * lo))
     best, best_eff = lo, -1.0
     for s in range(lo, hi + 1):
         p = row_blocks * s
