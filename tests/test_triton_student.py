@@ -15,7 +15,9 @@ import torch
 import opd_kernels as ok
 from opd_kernels.triton import student_loss as SL
 from reference import losses as R
-from tests.utils import assert_bf16_close, assert_close, grads, leaf_copies, make_problem
+from tests.utils import assert_bf16_close as _assert_bf16_close
+from tests.utils import assert_close as _assert_close
+from tests.utils import grads, leaf_copies, make_problem
 
 if not ok.triton_available():                                             # pragma: no cover
     pytest.skip("Triton backend unavailable (no CUDA and TRITON_INTERPRET unset)", allow_module_level=True)
@@ -24,6 +26,14 @@ VARIANTS = ["unnormalized", "stopgrad", "renorm", "tail", "fkl"]
 N, H, V, K = 37, 90, 1007, 5
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
+
+
+def assert_close(name, actual, expected, tol, scale=None):
+    return _assert_close(name, actual.detach().cpu(), expected.detach().cpu(), tol, scale)
+
+
+def assert_bf16_close(name, actual, baseline, truth):
+    return _assert_bf16_close(name, actual.detach().cpu(), baseline.detach().cpu(), truth.detach().cpu())
 
 
 @contextlib.contextmanager
@@ -46,11 +56,6 @@ def _backend_inputs(prob, ignore_ids=None):
     if ignore_ids is not None:
         valid &= ~torch.isin(ids, torch.tensor(ignore_ids))
     return torch.where(valid, ids, -1).to(DEVICE), torch.where(valid, t, 0.0).to(DEVICE)
-
-
-def _on_device(p):
-    return {k: (v.to(DEVICE).detach().requires_grad_(v.requires_grad) if isinstance(v, torch.Tensor) and
-                v.is_floating_point() and k in ("hidden", "weight", "bias") else v) for k, v in p.items()}
 
 
 def _leaves(prob, dtype):
@@ -249,15 +254,15 @@ def test_gradient_filtering_below_resolution():
     """The default threshold skips tiles (> 5 % of them here) yet changes the gradients by less than the fp32
     resolution; a large threshold visibly changes them (the filter really skips, so this can fail)."""
     prob = _peaked_problem(81)
-    cfg = SL._cfg("bwd", torch.device(DEVICE))
+    tiles = dict(BN=16, BV=64)                           # the interpreter's tiles, also on a GPU
     default = SL.default_filter_eps(torch.float32)
-    assert _skippable_tile_fraction(prob, default, cfg["BN"], cfg["BV"]) > 0.05
+    assert _skippable_tile_fraction(prob, default, tiles["BN"], tiles["BV"]) > 0.05
     ids, t = _backend_inputs(prob)
     up = torch.randn(N, generator=torch.Generator().manual_seed(82))
     out = {}
     for name, eps in (("off", 0.0), ("default", None), ("huge", 1e-2)):
         ours = _leaves(prob, torch.float32)
-        with overrides(programs=8):
+        with overrides(programs=8, bwd=tiles):
             out[name] = _run_backend(ours, ids, t, "stopgrad", 1.0, False, up, filter_eps=eps)[2]
     res = torch.finfo(torch.float32).eps
     for key in out["off"]:

@@ -33,6 +33,7 @@ The weight gradient (in the weight dtype) is the only ``[V, H]`` allocation.
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
@@ -344,6 +345,13 @@ def _arch_family(major: int) -> int:
     return 90 if major >= 9 else 80
 
 
+@functools.lru_cache(maxsize=None)
+def _device_info(index: int) -> tuple[int, int]:
+    """(architecture family, SM count) of a CUDA device."""
+    props = torch.cuda.get_device_properties(index)
+    return _arch_family(props.major), props.multi_processor_count
+
+
 def _prod_cfg(name, arch, dtype, allow_tf32=None):
     base = dict(_PROD[arch][name])
     if dtype == torch.float32 and name in ("fwd", "bwd"):
@@ -354,9 +362,13 @@ def _prod_cfg(name, arch, dtype, allow_tf32=None):
     return base
 
 
+def _index(device):
+    return device.index if device.index is not None else torch.cuda.current_device()
+
+
 def _cfg(name, device, dtype=torch.bfloat16):
     if device.type == "cuda":
-        base = _prod_cfg(name, _arch_family(torch.cuda.get_device_capability(device)[0]), dtype)
+        base = _prod_cfg(name, _device_info(_index(device))[0], dtype)
     else:
         base = dict(_INTERP[name])
     base.update(_OVERRIDES.get(name, {}))
@@ -367,7 +379,7 @@ def _target_programs(device):
     if "programs" in _OVERRIDES:
         return int(_OVERRIDES["programs"])
     if device.type == "cuda":
-        return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+        return 2 * _device_info(_index(device))[1]
     return 8
 
 
