@@ -48,7 +48,7 @@ def _backend(name, device):
     if device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         raise ValueError(f"backend='triton' needs CUDA tensors, got tensors on {device} "
                          "(set TRITON_INTERPRET=1 before importing opd_kernels to run the interpreter)")
-    from . import triton as triton_backend
+    from .triton import backend as triton_backend
     return triton_backend
 
 
@@ -251,8 +251,9 @@ def teacher_topk(hidden, weight, k, *, bias=None, temperature=1.0, ignore_ids=No
     if not 1 <= k <= selectable:
         raise ValueError(f"k must be in [1, {selectable}] (vocabulary {vocab} minus ignored ids), got {k}")
     impl = _backend(backend, device)
-    if impl.__name__.endswith("triton") and k > 256:
-        raise ValueError(f"backend='triton' supports k ≤ 256, got k = {k}")
+    max_k = getattr(impl, "MAX_TEACHER_K", None)
+    if max_k is not None and k > max_k:
+        raise ValueError(f"backend='triton' supports k ≤ {max_k}, got k = {k}")
     n = hidden[..., 0].numel()
     tok = None
     if token_ids is not None:

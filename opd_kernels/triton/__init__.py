@@ -1,16 +1,7 @@
-"""Triton backend: the fused kernels behind ``backend="triton"`` (same contract as ``torch_backend``).
+"""Triton backend: the fused kernels behind ``backend="triton"``.
 
-Kernel modules are imported lazily so that ``import opd_kernels`` never compiles or requires a GPU.
+- ``student_loss.py``: the student losses (``topk_rkl``), ``teacher_topk.py``: teacher top-K gathering.
+- ``backend.py``: the backend entry points used by ``opd_kernels.api`` (same contract as ``torch_backend``).
+
+Kernel modules are imported lazily so that ``import opd_kernels`` never needs Triton or a GPU.
 """
-
-
-def topk_rkl(*args, **kwargs):
-    from .student_loss import topk_rkl as impl
-    return impl(*args, **kwargs)
-
-
-def teacher_topk(*args, **kwargs):
-    kwargs.pop("deterministic", None)
-    kwargs.pop("filter_eps", None)
-    from .teacher_topk import teacher_topk as impl
-    return impl(*args, **kwargs)

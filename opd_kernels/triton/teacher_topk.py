@@ -24,8 +24,6 @@ integer keys: deterministic). Token log-probs come from a small gathered-dot-pro
 from __future__ import annotations
 
 import os
-import sys
-import types
 
 import torch
 import triton
@@ -517,16 +515,3 @@ def compile_specs(hidden_size: int, arch: int = 90, dtype=torch.bfloat16) -> lis
         constexprs=dict(HAS_BIAS=False, BN=16, BH=128), num_warps=4, num_stages=1, has_matmul=False,
         config=dict(BN=16, BH=128, H=hidden_size)))
     return specs
-
-
-# ---------------------------------------------------------------------------------------------- name clash shim
-
-class _CallableModule(types.ModuleType):
-    """Importing this module binds ``opd_kernels.triton.teacher_topk`` to the module, shadowing the package's
-    lazy ``teacher_topk`` function; calling the module forwards to the backend function so both spellings work."""
-
-    def __call__(self, *args, **kwargs):
-        return teacher_topk(*args, **kwargs)
-
-
-sys.modules[__name__].__class__ = _CallableModule
