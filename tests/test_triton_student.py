@@ -145,6 +145,22 @@ def test_backend_parity_no_bias_no_stats(variant):
         assert_close(f"grad_{key}", g[key], exp_g[key], 1e-5)
 
 
+def test_large_logits_and_padding_rows():
+    """Logits ≈ 100 (bias 10, τ = 0.1): padding rows of the last row block must not overflow into NaN."""
+    prob = make_problem(n=N, h=H, v=V, k=K, seed=35)
+    prob["bias"] = prob["bias"] + 10.0
+    ids, t = _backend_inputs(prob)
+    upstream = torch.randn(N, generator=torch.Generator().manual_seed(36), dtype=torch.float64)
+    ours = _leaves(prob, torch.float32)
+    with overrides(programs=8):
+        loss, _, g = _run_backend(ours, ids, t, "stopgrad", 0.1, False, upstream)
+    exp, _, exp_g = _reference(leaf_copies(prob, torch.float64), "stopgrad", 0.1, upstream)
+    # logits ~100 leave fp32 ~1e-5 absolute error in z (and so in p): a looser bound; NaN would be inf
+    assert_close("loss", loss, exp, 1e-4)
+    for key in ("hidden", "weight", "bias"):
+        assert_close(f"grad_{key}", g[key], exp_g[key], 1e-4)
+
+
 def test_renorm_without_stats_skips_the_sweep(monkeypatch):
     prob = make_problem(n=N, h=H, v=V, k=K, seed=33)
     ids, t = _backend_inputs(prob)

@@ -189,14 +189,15 @@ def _bwd_dense_kernel(h_ptr, w_ptr, b_ptr, lse_ptr, c_ptr, gh_ptr, gw_ptr, gb_pt
     for rb in range(pa * row_blocks_per_prog, rb_end):
         rows = (rb * BN + tl.arange(0, BN)).to(tl.int64)
         rmask = rows < N
-        lse = tl.load(lse_ptr + rows, mask=rmask, other=0.0)
+        lse = tl.load(lse_ptr + rows, mask=rmask, other=float("inf"))     # exp(z − lse) = 0 beyond N
         c = tl.load(c_ptr + rows, mask=rmask, other=0.0)                  # 0 beyond N
         for vt in range(vt_start, vt_end):
             cols = (vt * BV + tl.arange(0, BV)).to(tl.int64)
             cmask = cols < V
             z = _logit_tile(h_ptr, w_ptr, b_ptr, rows, rmask, cols, cmask, H, inv_tau,
                             HAS_BIAS, BN, BV, BH, DOT_PREC)
-            p = tl.where(cmask[None, :], tl.exp(z - lse[:, None]), 0.0)    # [BN, BV]
+            # padding rows must give exactly 0 (an overflowing exp would poison dw / db through 0·inf)
+            p = tl.where(rmask[:, None] & cmask[None, :], tl.exp(z - lse[:, None]), 0.0)    # [BN, BV]
             if FILTER:
                 keep = tl.max(tl.max(tl.where(c[:, None] != 0.0, p, 0.0), axis=1), axis=0) >= filter_eps
             else:
@@ -322,7 +323,7 @@ _PROD = {
 #: (arch family, dot precision) -> tiles. "ieee" = full-precision fp32 dots (FMA), "tf32" = tensor cores.
 _PROD_FP32 = {
     (90, "ieee"): dict(BN=128, BV=64, BH=32, BHG=16, num_warps=8, num_stages=2),
-    (80, "ieee"): dict(BN=64, BV=64, BH=32, BHG=32, num_warps=8, num_stages=2),
+    (80, "ieee"): dict(BN=64, BV=64, BH=16, BHG=32, num_warps=8, num_stages=2),
     (90, "tf32"): dict(BN=64, BV=64, BH=32, BHG=32, num_warps=8, num_stages=2),
     (80, "tf32"): dict(BN=64, BV=64, BH=32, BHG=32, num_warps=8, num_stages=2),
 }
