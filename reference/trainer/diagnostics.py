@@ -1,0 +1,200 @@
+"""Per-step diagnostics (the collapse signatures), a collapse detector, JSONL logging and a PNG of the curves.
+
+Collapse signatures of on-policy distillation (``DESIGN.md`` §1): hedging tokens ("wait", "but", "maybe")
+become frequent, responses grow long (often to the length limit), the student's sampled tokens fall outside
+the teacher's top-K (overlap) and its mass on that top-K drops, and entropy collapses while the reward does
+not improve.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+METRICS = ("loss", "kl", "student_topk_mass", "teacher_topk_mass", "overlap", "entropy", "response_length",
+           "truncated", "hedge_freq", "accuracy")
+
+
+def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
+    m = mask.to(torch.float64)
+    n = float(m.sum())
+    return float((x.to(torch.float64) * m).sum()) / n if n else float("nan")
+
+
+def batch_diagnostics(stats: dict, response: torch.Tensor, response_mask: torch.Tensor, teacher_ids: torch.Tensor,
+                      *, eos_id: int, hedge_ids: Sequence[int] = (), truncated: Optional[Sequence[bool]] = None,
+                      correct: Optional[Sequence[Optional[bool]]] = None) -> dict:
+    """Means over one batch of rollouts in response coordinates.
+
+    Args:
+        stats: per-token ``[B, R]`` tensors from the loss (``kl``, ``entropy``, and for the top-k objective
+            ``student_topk_mass``, ``teacher_topk_mass``).
+        response, response_mask: ``[B, R]`` sampled ids and the mask of real response tokens.
+        teacher_ids: ``[B, R, K]`` the teacher's top-K ids at each position (negative = empty slot).
+        hedge_ids: ids of the hedging tokens.
+        truncated: per row, whether the rollout hit the length limit without eos.
+        correct: per row, whether the task's checker accepted the answer (None = no checker).
+
+    Token-level metrics average over response tokens; ``response_length`` (tokens before eos) and
+    ``accuracy``/``truncated`` average over rows.
+    """
+    mask = response_mask.bool()
+    out = {}
+    for name in ("kl", "student_topk_mass", "teacher_topk_mass", "entropy"):
+        if name in stats:
+            out[name] = _masked_mean(stats[name], mask)
+    in_topk = ((teacher_ids == response[..., None]) & (teacher_ids >= 0)).any(-1)
+    out["overlap"] = _masked_mean(in_topk, mask)
+    hedge = torch.as_tensor(list(hedge_ids), dtype=response.dtype, device=response.device)
+    out["hedge_freq"] = _masked_mean(torch.isin(response, hedge), mask) if len(hedge_ids) else 0.0
+    ended = (mask & (response == eos_id)).any(-1)
+    lengths = mask.sum(-1) - ended.long()
+    out["response_length"] = float(lengths.double().mean()) if lengths.numel() else float("nan")
+    if truncated is not None and len(truncated):
+        out["truncated"] = sum(map(bool, truncated)) / len(truncated)
+    if correct is not None:
+        checked = [c for c in correct if c is not None]
+        if checked:
+            out["accuracy"] = sum(checked) / len(checked)
+    return out
+
+
+@dataclass
+class Signal:
+    metric: str
+    direction: str      # "up" or "down": the direction that signals collapse
+    threshold: float    # absolute change of the recent window's mean against the baseline
+    relative: bool = False  # threshold is a fraction of the baseline
+
+
+DEFAULT_SIGNALS = (
+    Signal("hedge_freq", "up", 0.02),
+    Signal("response_length", "up", 0.5, relative=True),
+    Signal("truncated", "up", 0.2),
+    Signal("overlap", "down", 0.1),
+    Signal("student_topk_mass", "down", 0.1),
+    Signal("entropy", "down", 0.5, relative=True),
+    Signal("accuracy", "down", 0.2),
+)
+
+
+class CollapseDetector:
+    """Compares a sliding window of recent steps with a baseline window (the first ``window`` steps).
+
+    A signal is active when its metric moved in the collapse direction by more than its threshold. Falling
+    entropy only counts while accuracy is not above its baseline (a student that becomes confident *and*
+    right is not collapsing). Collapse is declared when at least ``min_signals`` signals stay active for
+    ``patience`` consecutive steps. ``update`` returns the messages to warn about (each signal once when it
+    turns on, and the collapse once); ``collapsed`` tells the trainer to stop when asked.
+    """
+
+    def __init__(self, window: int = 10, patience: int = 5, min_signals: int = 2,
+                 signals: Sequence[Signal] = DEFAULT_SIGNALS):
+        self.window, self.patience, self.min_signals, self.signals = window, patience, min_signals, tuple(signals)
+        self.history: list[dict] = []
+        self.active: set[str] = set()
+        self.streak = 0
+        self.collapsed = False
+
+    def _mean(self, rows, name):
+        vals = [r[name] for r in rows if name in r and r[name] is not None and math.isfinite(r[name])]
+        return sum(vals) / len(vals) if vals else None
+
+    def update(self, metrics: dict) -> list[str]:
+        self.history.append(dict(metrics))
+        if len(self.history) < 2 * self.window:
+            return []
+        base, recent = self.history[:self.window], self.history[-self.window:]
+        active, messages = set(), []
+        for s in self.signals:
+            b, r = self._mean(base, s.metric), self._mean(recent, s.metric)
+            if b is None or r is None:
+                continue
+            change = (r - b) if s.direction == "up" else (b - r)
+            limit = s.threshold * abs(b) if s.relative else s.threshold
+            if s.relative and b == 0:
+                continue
+            if change > limit:
+                if s.metric == "entropy":
+                    ab, ar = self._mean(base, "accuracy"), self._mean(recent, "accuracy")
+                    if ab is not None and ar is not None and ar > ab:
+                        continue
+                active.add(s.metric)
+                if s.metric not in self.active:
+                    messages.append(f"collapse signal: {s.metric} went {s.direction} from {b:.4g} to {r:.4g}")
+        self.active = active
+        self.streak = self.streak + 1 if len(active) >= self.min_signals else 0
+        if self.streak >= self.patience and not self.collapsed:
+            self.collapsed = True
+            messages.append(f"COLLAPSE: {len(active)} signals active for {self.streak} steps: {sorted(active)}")
+        return messages
+
+
+class JsonlLogger:
+    """Appends one JSON object per record to ``path``."""
+
+    def __init__(self, path: str):
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        self.path = path
+        self._f = open(path, "a")
+
+    def log(self, record: dict) -> None:
+        self._f.write(json.dumps({k: _jsonable(v) for k, v in record.items()}) + "\n")
+        self._f.flush()
+
+    def close(self) -> None:
+        self._f.close()
+
+
+def _jsonable(v):
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, torch.Tensor):
+        return v.item() if v.numel() == 1 else v.tolist()
+    return v
+
+
+def read_jsonl(path: str) -> list[dict]:
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def plot_curves(records: Sequence[dict], path: str, metrics: Sequence[str] = METRICS + ("eval_accuracy",),
+                title: str = "") -> Optional[str]:
+    """One panel per metric against the step, one line per phase. Returns the path, or None without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    present = [m for m in metrics if any(r.get(m) is not None for r in records)]
+    if not present:
+        return None
+    cols = 4
+    rows = (len(present) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 2.8 * rows), squeeze=False)
+    phases = list(dict.fromkeys(r.get("phase", "") for r in records))
+    for ax, m in zip(axes.flat, present):
+        for ph in phases:
+            pts = [(r["step"], r[m]) for r in records if r.get("phase", "") == ph and r.get(m) is not None]
+            if pts:
+                xs, ys = zip(*pts)
+                ax.plot(xs, ys, marker="o" if len(pts) < 20 else None, ms=3, label=ph)
+        ax.set_title(m, fontsize=9)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(present):]:
+        ax.axis("off")
+    axes.flat[0].legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return path

@@ -1,0 +1,336 @@
+"""The reference OPD trainer (reference/trainer): alignment, zero loss for an identical teacher, no LM-head call
+on sequences, diagnostics on a hand-made batch, the collapse detector, a few steps of every mode, checkpoints
+and JSONL prompts, and the loss going down on the embedded task."""
+
+import copy
+import json
+import math
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from reference.trainer import Config, Trainer, main  # noqa: E402
+from reference.trainer import diagnostics as D  # noqa: E402
+from reference.trainer.losses import distill_loss, sft_loss, teacher_targets  # noqa: E402
+from reference.trainer.models import tiny_llama  # noqa: E402
+from reference.trainer.rollout import generate, pack, sample_next  # noqa: E402
+from reference.trainer.task import CharTokenizer, ReverseTask, load_jsonl_prompts  # noqa: E402
+
+VARIANTS = ["stopgrad", "unnormalized", "renorm", "tail", "fkl"]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return CharTokenizer()
+
+
+@pytest.fixture(scope="module")
+def rows(tok):
+    """Prompts and responses of different lengths (one response without eos, one of length 1)."""
+    task = ReverseTask(tok)
+    ex = task.examples(5, seed=3)
+    prompts = [e.prompt for e in ex]
+    responses = [tok.encode("dcb") + [2], tok.encode("ab"), [2], tok.encode("hgfedcba") + [2], tok.encode("q") + [2]]
+    contexts = [tok.encode("reverse: "), [], tok.encode("rule"), tok.encode("x"), tok.encode("reverse: ")]
+    return prompts, responses, contexts
+
+
+def _micro(tok, seed):
+    torch.manual_seed(seed)
+    m = tiny_llama("micro", tok, seed=seed)
+    with torch.no_grad():   # non-trivial weights everywhere (norm gains included)
+        for p in m.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return m.eval()
+
+
+def _independent_logprobs(model, prefix, response):
+    """log p(response_j | prefix, response_<j) from the model's own materialized logits on the unpadded row."""
+    seq = torch.tensor([list(prefix) + list(response)])
+    with torch.no_grad():
+        logp = torch.log_softmax(model(input_ids=seq).logits[0].double(), -1)
+    start = len(prefix) - 1
+    return torch.stack([logp[start + j, t] for j, t in enumerate(response)])
+
+
+def _shifted(packed, shift):
+    p = copy.copy(packed)
+    p.positions = (packed.positions + shift).clamp(0, packed.input_ids.shape[1] - 1)
+    return p
+
+
+# ------------------------------------------------------------------------------------------------ alignment
+
+def test_pack_layout(tok, rows):
+    prompts, responses, contexts = rows
+    p = pack(prompts, responses, tok.pad_token_id, "cpu", contexts=contexts)
+    for i, (c, q, r) in enumerate(zip(contexts, prompts, responses)):
+        n = len(c) + len(q) + len(r)
+        assert p.input_ids[i, :n].tolist() == c + q + r
+        assert p.attention_mask[i].sum() == n and (p.input_ids[i, n:] == tok.pad_token_id).all()
+        assert p.response_mask[i].sum() == len(r)
+        for j, t in enumerate(r):   # the hidden state at position i predicts token i + 1
+            assert p.input_ids[i, p.positions[i, j] + 1] == t == p.response[i, j]
+
+
+def _student_logprobs(model, packed, tok):
+    tgt = teacher_targets(model, packed, 4)   # any teacher: we read the student's log-probs from the stats
+    _, stats = distill_loss(model, packed, tgt, objective="sampled")
+    return stats["student_logprob"]
+
+
+def test_student_alignment_matches_materialized_logits(tok, rows):
+    prompts, responses, _ = rows
+    model = _micro(tok, 1)
+    packed = pack(prompts, responses, tok.pad_token_id, "cpu")
+    got = _student_logprobs(model, packed, tok)
+    for i, (q, r) in enumerate(zip(prompts, responses)):
+        want = _independent_logprobs(model, q, r)
+        torch.testing.assert_close(got[i, :len(r)].double(), want, rtol=1e-4, atol=1e-4)
+    # the same check catches an off-by-one in either direction
+    for shift in (1, -1):
+        bad = _student_logprobs(model, _shifted(packed, shift), tok)
+        errs = [(bad[i, :len(r)].double() - _independent_logprobs(model, q, r)).abs().max()
+                for i, (q, r) in enumerate(zip(prompts, responses))]
+        assert max(errs) > 0.1
+
+
+def test_teacher_alignment_with_privileged_context(tok, rows):
+    prompts, responses, contexts = rows
+    teacher = _micro(tok, 2)
+    packed = pack(prompts, responses, tok.pad_token_id, "cpu", contexts=contexts)
+    tgt = teacher_targets(teacher, packed, 5)
+    for i, (c, q, r) in enumerate(zip(contexts, prompts, responses)):
+        want = _independent_logprobs(teacher, c + q, r)
+        torch.testing.assert_close(tgt.token_logprobs[i, :len(r)].double(), want, rtol=1e-4, atol=1e-4)
+        seq = torch.tensor([c + q + r])
+        with torch.no_grad():
+            logp = torch.log_softmax(teacher(input_ids=seq).logits[0].double(), -1)
+        for j in range(len(r)):
+            row = logp[len(c) + len(q) - 1 + j]
+            torch.testing.assert_close(tgt.logprobs[i, j].double(), row.topk(5).values, rtol=1e-4, atol=1e-4)
+    bad = teacher_targets(teacher, _shifted(packed, 1), 5)
+    assert (bad.token_logprobs - tgt.token_logprobs)[packed.response_mask].abs().max() > 0.1
+
+
+@pytest.mark.parametrize("objective,variant", [("topk", v) for v in VARIANTS] + [("sampled", None)])
+def test_identical_teacher_gives_zero_loss(tok, rows, objective, variant):
+    prompts, responses, _ = rows
+    student = _micro(tok, 3)
+    teacher = copy.deepcopy(student)
+    packed = pack(prompts, responses, tok.pad_token_id, "cpu")
+    k = tok.vocab_size if variant == "fkl" else 6   # fkl is 0 only when S is the whole vocabulary
+    tgt = teacher_targets(teacher, packed, k)
+    loss, stats = distill_loss(student, packed, tgt, objective=objective, variant=variant or "stopgrad")
+    assert abs(loss.item()) < 1e-5
+    loss.backward()
+    # a deliberate shift of the teacher by one position is caught
+    bad = teacher_targets(teacher, _shifted(packed, 1), k)
+    bad_loss, _ = distill_loss(student, packed, bad, objective=objective, variant=variant or "stopgrad")
+    assert abs(bad_loss.item()) > 1e-2
+
+
+def test_opsd_teacher_is_student_with_context(tok, rows):
+    prompts, responses, contexts = rows
+    model = _micro(tok, 4)
+    student_rows = pack(prompts, responses, tok.pad_token_id, "cpu")
+    same = teacher_targets(model, pack(prompts, responses, tok.pad_token_id, "cpu", contexts=[[]] * 5), 6)
+    loss, _ = distill_loss(model, student_rows, same)
+    assert abs(loss.item()) < 1e-5          # empty privileged context: the teacher is the student
+    ctx = teacher_targets(model, pack(prompts, responses, tok.pad_token_id, "cpu", contexts=contexts), 6)
+    loss, _ = distill_loss(model, student_rows, ctx)
+    assert abs(loss.item()) > 1e-3          # the context changes the teacher
+
+
+def test_lm_head_is_never_called_on_sequences(tok, rows):
+    prompts, responses, _ = rows
+    student, teacher = _micro(tok, 5), _micro(tok, 6)
+
+    def boom(*a, **k):
+        raise AssertionError("LM head called")
+
+    student.lm_head.forward = boom
+    teacher.lm_head.forward = boom
+    packed = pack(prompts, responses, tok.pad_token_id, "cpu")
+    tgt = teacher_targets(teacher, packed, 4)
+    for objective in ("topk", "sampled"):
+        loss, _ = distill_loss(student, packed, tgt, objective=objective)
+        loss.backward()
+    sft_loss(student, packed).backward()
+    assert student.lm_head.weight.grad is not None and student.lm_head.weight.grad.abs().sum() > 0
+
+
+def test_trainer_calls_lm_head_only_on_last_positions(tok, tmp_path):
+    cfg = _tiny_cfg(tmp_path, opd_steps=2)
+    tr = Trainer(cfg)
+    seen = []
+    for model in (tr.student, tr.teacher):
+        orig = model.lm_head.forward
+
+        def checked(x, _orig=orig):
+            seen.append(x.shape)
+            assert x.shape[-2] == 1, f"LM head called on a sequence {tuple(x.shape)}"
+            return _orig(x)
+
+        model.lm_head.forward = checked
+    tr.run()
+    assert seen   # generation does use it, one position at a time
+
+
+# ---------------------------------------------------------------------------------------------- diagnostics
+
+def test_diagnostics_on_hand_made_batch():
+    eos, hedge = 2, [9]
+    response = torch.tensor([[5, 9, 2, 0], [6, 7, 8, 9]])
+    mask = torch.tensor([[1, 1, 1, 0], [1, 1, 1, 1]], dtype=torch.bool)
+    teacher_ids = torch.tensor([[[5, 3], [4, 3], [2, -1], [5, 9]],
+                                [[6, 1], [1, 7], [3, 4], [9, 9]]])
+    stats = {"kl": torch.tensor([[1., 2., 3., 100.], [4., 5., 6., 7.]]),
+             "entropy": torch.tensor([[0.5, 0.5, 0.5, 9.], [1., 1., 1., 1.]]),
+             "student_topk_mass": torch.tensor([[.9, .8, .7, 0.], [.6, .5, .4, .3]]),
+             "teacher_topk_mass": torch.ones(2, 4)}
+    d = D.batch_diagnostics(stats, response, mask, teacher_ids, eos_id=eos, hedge_ids=hedge,
+                            truncated=[False, True], correct=[True, False])
+    assert d["kl"] == pytest.approx(28 / 7)
+    assert d["entropy"] == pytest.approx(5.5 / 7)
+    assert d["student_topk_mass"] == pytest.approx(4.2 / 7)
+    assert d["teacher_topk_mass"] == pytest.approx(1.0)
+    # in top-K: row 0: 5 yes, 9 no, 2 yes; row 1: 6 yes, 7 yes, 8 no, 9 yes (the masked slot never counts)
+    assert d["overlap"] == pytest.approx(5 / 7)
+    assert d["hedge_freq"] == pytest.approx(2 / 7)
+    assert d["response_length"] == pytest.approx((2 + 4) / 2)   # eos does not count
+    assert d["truncated"] == pytest.approx(0.5)
+    assert d["accuracy"] == pytest.approx(0.5)
+
+
+def _healthy(i):
+    return {"hedge_freq": 0.0, "response_length": 5.0, "truncated": 0.0, "overlap": 0.9, "student_topk_mass": 0.9,
+            "entropy": 1.0 - 0.04 * i, "accuracy": 0.3 + 0.02 * i}
+
+
+def test_collapse_detector():
+    det = D.CollapseDetector(window=4, patience=3)
+    for i in range(30):   # entropy falls but accuracy rises: healthy
+        assert det.update(_healthy(i)) == []
+    assert not det.collapsed
+    det = D.CollapseDetector(window=4, patience=3)
+    msgs = []
+    for i in range(30):
+        m = _healthy(0)
+        if i >= 10:
+            m.update(hedge_freq=0.1, response_length=11.0, overlap=0.5)
+        msgs += det.update(m)
+    assert det.collapsed
+    assert any("hedge_freq" in s for s in msgs) and any(s.startswith("COLLAPSE") for s in msgs)
+    assert sum(s.startswith("COLLAPSE") for s in msgs) == 1
+
+
+def test_sampling_top_p_and_greedy():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]])).repeat(2000, 1)
+    g = torch.Generator().manual_seed(0)
+    draws = sample_next(logits, 1.0, 0.7, g)
+    assert set(draws.tolist()) == {0, 1}            # 0.5 < 0.7 ≤ 0.8: the nucleus is {0, 1}
+    assert abs((draws == 0).float().mean().item() - 0.5 / 0.8) < 0.05
+    assert (sample_next(logits, 0, 1.0) == 0).all()
+
+
+def test_generate_stops_at_eos(tok):
+    model = _micro(tok, 7)
+    with torch.no_grad():
+        model.lm_head.weight.zero_()
+        model.lm_head.weight[tok.eos_token_id] = 1.0
+        model.lm_head.weight[tok.stoi["a"]] = 0.5
+    prompts = [[1, 5, 6], [1, 7]]
+    r = generate(model, prompts, max_new_tokens=5, eos_id=2, pad_id=0, temperature=0, num_samples=2)
+    assert len(r.responses) == 4 and r.source == [0, 0, 1, 1]
+    for resp, trunc in zip(r.responses, r.truncated):
+        assert trunc == (resp[-1] != 2) and len(resp) <= 5
+
+
+# ----------------------------------------------------------------------------------------- end-to-end runs
+
+def _tiny_cfg(tmp_path, **kw):
+    base = dict(teacher_size="micro", student_size="micro", teacher_steps=8, warmup_steps=2, warmup_pool=16,
+                opd_steps=3, prompts_per_step=3, samples_per_prompt=2, sft_batch_size=8, eval_size=8, eval_every=2,
+                collapse_window=1, collapse_patience=1, out_dir=str(tmp_path / "run"), cache_dir=str(tmp_path / "cache"),
+                progress=False, threads=None)
+    base.update(kw)
+    return Config(**base)
+
+
+@pytest.mark.parametrize("kw", [
+    dict(mode="opd", objective="topk", variant="stopgrad", grad_accum=2, save_every=2),
+    dict(mode="opd", objective="sampled"),
+    dict(mode="opsd", objective="topk", variant="tail", system_prompt="reverse: "),
+    dict(mode="opd", objective="topk", variant="renorm", ignore_special=True, top_p=0.9, warmup_steps=0),
+], ids=["opd-topk-accum", "opd-sampled", "opsd-system-prompt", "opd-renorm-nowarmup"])
+def test_modes_run_a_few_steps(tmp_path, kw):
+    summary = Trainer(_tiny_cfg(tmp_path, **kw)).run()
+    assert summary["accuracy_before"] is not None and summary["accuracy_after"] is not None
+    log = D.read_jsonl(summary["log"])
+    steps = [r for r in log if r["phase"] == kw["mode"] and r["step"] >= 0 and "loss" in r]
+    assert len(steps) == 3
+    for r in steps:
+        for key in D.METRICS:
+            assert r.get(key) is not None and math.isfinite(r[key]), key
+    assert (tmp_path / "run" / "curves.png").stat().st_size > 1000
+    assert (tmp_path / "run" / "final" / "char_tokenizer.json").exists()
+    if kw.get("save_every"):
+        assert (tmp_path / "run" / "checkpoint-2" / "optimizer.pt").exists()
+    if kw.get("warmup_steps", 2):
+        assert any(r["phase"] == "warmup" for r in log)
+
+
+def test_teacher_is_cached(tmp_path):
+    Trainer(_tiny_cfg(tmp_path, opd_steps=1)).run()
+    cached = list((tmp_path / "cache").glob("teacher-*/meta.json"))
+    assert len(cached) == 1
+    Trainer(_tiny_cfg(tmp_path, opd_steps=1)).run()
+    assert not any(r["phase"] == "teacher_sft" for r in D.read_jsonl(str(tmp_path / "run" / "log.jsonl")))
+
+
+def test_cli_with_checkpoints_and_jsonl_prompts(tmp_path, tok):
+    for name, seed in (("teacher", 8), ("student", 9)):
+        m = _micro(tok, seed)
+        m.save_pretrained(str(tmp_path / name))
+        tok.save(str(tmp_path / name))
+    lines = [{"prompt": "abc>", "answer": "cba"}, {"prompt": "hello>", "answer": "olleh", "context": "reverse: "},
+             {"prompt": "xy>"}]
+    (tmp_path / "p.jsonl").write_text("\n".join(json.dumps(x) for x in lines) + "\n\n")
+    ex = load_jsonl_prompts(str(tmp_path / "p.jsonl"), tok)
+    assert len(ex) == 3 and ex[1].context == tok.encode("reverse: ") and ex[0].prompt[0] == tok.bos_token_id
+    common = ["--student", str(tmp_path / "student"), "--prompts", str(tmp_path / "p.jsonl"), "--opd-steps", "2",
+              "--prompts-per-step", "2", "--samples-per-prompt", "2", "--max-new-tokens", "6", "--warmup-steps", "1",
+              "--no-progress", "--no-plot", "--eval-every", "0"]
+    s = main(common + ["--teacher", str(tmp_path / "teacher"), "--out-dir", str(tmp_path / "a")])
+    assert s["accuracy_before"] is not None
+    s = main(common + ["--mode", "opsd", "--out-dir", str(tmp_path / "b"), "--system-prompt", "rule: "])
+    assert (tmp_path / "b" / "final" / "config.json").exists()
+    with pytest.raises(ValueError, match="prompt"):
+        (tmp_path / "bad.jsonl").write_text('{"text": "x"}\n')
+        load_jsonl_prompts(str(tmp_path / "bad.jsonl"), tok)
+
+
+def test_teacher_with_padded_vocab_never_proposes_extra_ids(tok, rows):
+    prompts, responses, _ = rows
+    teacher = _micro(tok, 10)
+    teacher.resize_token_embeddings(tok.vocab_size + 7)
+    with torch.no_grad():
+        teacher.lm_head.weight[tok.vocab_size:] = 5.0 * teacher.lm_head.weight[:7]   # extra rows would win
+    packed = pack(prompts, responses, tok.pad_token_id, "cpu")
+    tgt = teacher_targets(teacher, packed, 8, student_vocab=tok.vocab_size)
+    assert tgt.ids.max() < tok.vocab_size
+    assert teacher_targets(teacher, packed, 8).ids.max() >= tok.vocab_size
+
+
+def test_loss_decreases_on_embedded_task(tmp_path):
+    cfg = _tiny_cfg(tmp_path, teacher_steps=150, teacher_lr=1e-2, warmup_steps=0, opd_steps=40, lr=3e-3,
+                    prompts_per_step=8, samples_per_prompt=4, eval_every=0, k=16, variant="tail",
+                    collapse_window=10, collapse_patience=5, sft_batch_size=32)
+    tr = Trainer(cfg)
+    tr.run()
+    losses = [r["loss"] for r in tr.history]
+    first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
+    assert last < 0.7 * first, (first, last)
