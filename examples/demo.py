@@ -11,7 +11,6 @@ subprocess (peak resident memory; CPU only).
 from __future__ import annotations
 
 import argparse
-import json
 import subprocess
 import sys
 import time

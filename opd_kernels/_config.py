@@ -24,8 +24,9 @@ class Options:
     chunk_size: int | None = None
     #: Torch backend: peak bytes for the per-chunk [chunk, V] temporaries.
     memory_budget_bytes: int = 256 * 2**20
-    #: Triton backend: skip backward tiles whose dense gradient max is below this (None = backend default,
-    #: far below the dtype's resolution; 0 disables filtering).
+    #: Triton backend: skip backward tiles in which every π (softmax probability, i.e. the dense gradient
+    #: relative to its row's scale |c|/τ) is below this. None = the backend default, the dtype's epsilon × 2⁻¹⁶,
+    #: far below its resolution; 0 disables filtering.
     filter_eps: float | None = None
     #: Triton backend: no atomics whose order changes results (bitwise reproducible gradients).
     deterministic: bool = False

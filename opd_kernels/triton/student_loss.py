@@ -34,7 +34,6 @@ The weight gradient (in the weight dtype) is the only ``[V, H]`` allocation.
 from __future__ import annotations
 
 import functools
-import os
 
 import torch
 import triton
@@ -42,51 +41,9 @@ import triton.language as tl
 
 from .. import _math
 from ._compile import CompileSpec
+from ._interp import install_interpreter_fixes
 
-
-def _patch_interpreter_index():
-    """Triton 3.6's interpreter converts scalar tensors (1-element arrays) with ``int(array)``, which
-    NumPy ≥ 2.4 rejects ("only 0-dimensional arrays ..."): loops with runtime bounds then fail under
-    TRITON_INTERPRET=1. Re-define ``__index__`` through the first element; also widen bf16 ``tl.dot``
-    operands (below). Interpreter only: no effect on compiled kernels; idempotent (shared markers)."""
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        return
-    try:
-        from triton.runtime import interpreter as _interp
-    except ImportError:                                                    # pragma: no cover
-        return
-    orig = getattr(_interp, "_patch_lang_tensor", None)
-    if orig is not None and not getattr(orig, "_opd_fixed", False):     # same marker as teacher_topk's fix
-        def patched(tensor, scope):
-            orig(tensor, scope)
-            scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.reshape(-1)[0]))
-
-        patched._opd_fixed = True
-        _interp._patch_lang_tensor = patched
-
-    # The interpreter stores bf16 as uint16 and feeds those raw bits to np.matmul in tl.dot: widen bf16
-    # operands to fp32 first (exact; the GPU multiplies bf16 exactly and accumulates in fp32 too).
-    builder = getattr(_interp, "InterpreterBuilder", None)
-    orig_dot = getattr(builder, "create_dot", None)
-    if orig_dot is None or getattr(orig_dot, "_opd_fixed", False):
-        return
-
-    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
-        import numpy as np
-        import triton.language as _tl
-
-        def widen(x):
-            if x.dtype.scalar == _tl.bfloat16:
-                data = _interp._convert_float(x.data, _tl.bfloat16, _tl.float32, None).view(np.float32)
-                return _interp.TensorHandle(data, _tl.float32)
-            return x
-        return orig_dot(self, widen(a), widen(b), d, input_precision, max_num_imprecise_acc)
-
-    create_dot._opd_fixed = True
-    builder.create_dot = create_dot
-
-
-_patch_interpreter_index()
+install_interpreter_fixes()
 
 # ------------------------------------------------------------------------------------------------- kernels
 
