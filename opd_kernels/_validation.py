@@ -80,24 +80,25 @@ def check_linear(hidden, weight, bias):
             raise ValueError(f"bias is on {bias.device} but hidden is on {hidden.device}")
 
 
-def check_int_tensor(name, x, shape, device):
-    _check_tensor(name, x)
-    if x.dtype not in (torch.int32, torch.int64):
-        raise TypeError(f"{name} must be int32 or int64, got {x.dtype}")
+def _check_shape_device(name, x, shape, device):
     if tuple(x.shape) != tuple(shape):
         raise ValueError(f"{name} must have shape {list(shape)}, got {list(x.shape)}")
     if x.device != device:
         raise ValueError(f"{name} is on {x.device} but hidden is on {device}")
+
+
+def check_int_tensor(name, x, shape, device):
+    _check_tensor(name, x)
+    if x.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{name} must be int32 or int64, got {x.dtype}")
+    _check_shape_device(name, x, shape, device)
 
 
 def check_float_tensor(name, x, shape, device):
     _check_tensor(name, x)
     if not x.is_floating_point():
         raise TypeError(f"{name} must be a float tensor, got {x.dtype}")
-    if tuple(x.shape) != tuple(shape):
-        raise ValueError(f"{name} must have shape {list(shape)}, got {list(x.shape)}")
-    if x.device != device:
-        raise ValueError(f"{name} is on {x.device} but hidden is on {device}")
+    _check_shape_device(name, x, shape, device)
 
 
 def check_teacher(teacher_ids, teacher_logprobs, lead, device):
@@ -119,10 +120,7 @@ def check_mask(mask, lead, device):
     _check_tensor("mask", mask)
     if mask.is_complex():
         raise TypeError(f"mask must be bool or a float weight, got {mask.dtype}")
-    if tuple(mask.shape) != tuple(lead):
-        raise ValueError(f"mask must have shape {list(lead)} (hidden's leading dims), got {list(mask.shape)}")
-    if mask.device != device:
-        raise ValueError(f"mask is on {mask.device} but hidden is on {device}")
+    _check_shape_device("mask", mask, lead, device)
     return mask
 
 
