@@ -26,6 +26,11 @@ def response_hidden(model, packed: Packed) -> torch.Tensor:
     return gather_response(out.last_hidden_state, packed.positions)
 
 
+def _no_autocast(t: torch.Tensor):
+    """The fused losses get explicit dtypes (hidden and weight cast alike); autocast stays out of them."""
+    return torch.autocast(t.device.type, enabled=False)
+
+
 def _head(model, dtype):
     _, weight, bias = lm_head_parts(model)
     dtype = dtype or weight.dtype
@@ -52,8 +57,9 @@ def teacher_targets(teacher, packed: Packed, k: int, *, ignore_ids: Optional[Seq
     if student_vocab is not None and weight.shape[0] > student_vocab:
         ignore += list(range(student_vocab, weight.shape[0]))
     tokens = torch.where(packed.response_mask, packed.response, 0)
-    return ok.teacher_topk(hidden.to(dtype), weight, k, bias=bias, temperature=temperature,
-                           ignore_ids=ignore or None, token_ids=tokens, backend=backend)
+    with _no_autocast(hidden):
+        return ok.teacher_topk(hidden.to(dtype), weight, k, bias=bias, temperature=temperature,
+                               ignore_ids=ignore or None, token_ids=tokens, backend=backend)
 
 
 def distill_loss(student, packed: Packed, target: ok.TeacherTopK, *, objective: str = "topk",
@@ -70,14 +76,17 @@ def distill_loss(student, packed: Packed, target: ok.TeacherTopK, *, objective: 
     hidden = hidden.to(dtype)
     mask = packed.response_mask
     if objective == "topk":
-        return ok.topk_rkl_loss(hidden, weight, target.ids, target.logprobs, mask, variant=variant, bias=bias,
-                                temperature=temperature, ignore_ids=ignore_ids, backend=backend, return_stats=True)
+        with _no_autocast(hidden):
+            return ok.topk_rkl_loss(hidden, weight, target.ids, target.logprobs, mask, variant=variant, bias=bias,
+                                    temperature=temperature, ignore_ids=ignore_ids, backend=backend,
+                                    return_stats=True)
     if objective != "sampled":
         raise ValueError(f"objective must be 'topk' or 'sampled', got {objective!r}")
-    loss, stats = ok.sampled_token_rkl_loss(hidden, weight, masked_ids(packed), target.token_logprobs, mask,
-                                            bias=bias, temperature=temperature, backend=backend,
-                                            return_stats=True)
-    with torch.no_grad():
+    with _no_autocast(hidden):
+        loss, stats = ok.sampled_token_rkl_loss(hidden, weight, masked_ids(packed), target.token_logprobs, mask,
+                                                bias=bias, temperature=temperature, backend=backend,
+                                                return_stats=True)
+    with torch.no_grad(), _no_autocast(hidden):
         _, topk_stats = ok.topk_rkl_loss(hidden.detach(), weight.detach(), target.ids, target.logprobs, mask,
                                          variant="stopgrad", bias=None if bias is None else bias.detach(),
                                          temperature=temperature, ignore_ids=ignore_ids, backend=backend,
@@ -93,5 +102,6 @@ def sft_loss(model, packed: Packed, *, dtype=None, backend: str = "auto") -> tor
     hidden = response_hidden(model, packed)
     weight, bias, dtype = _head(model, dtype)
     ids = masked_ids(packed)[..., None]
-    return ok.topk_rkl_loss(hidden.to(dtype), weight, ids, torch.zeros(ids.shape, device=ids.device),
-                            packed.response_mask, variant="fkl", bias=bias, backend=backend)
+    with _no_autocast(hidden):
+        return ok.topk_rkl_loss(hidden.to(dtype), weight, ids, torch.zeros(ids.shape, device=ids.device),
+                                packed.response_mask, variant="fkl", bias=bias, backend=backend)

@@ -63,6 +63,16 @@ def generate(model, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, eo
     return Rollouts(rows, responses, truncated, source)
 
 
+def _last_logits_only(model) -> dict:
+    """Ask for the last position's logits only (transformers ≥ 4.50 ``logits_to_keep``; older: ``num_logits_to_keep``)."""
+    import inspect
+    params = inspect.signature(model.forward).parameters
+    for name in ("logits_to_keep", "num_logits_to_keep"):
+        if name in params:
+            return {name: 1}
+    return {}
+
+
 def _generate_batch(model, rows, max_new_tokens, eos_id, pad_id, temperature, top_p, generator):
     device = next(model.parameters()).device
     b, width = len(rows), max(len(r) for r in rows)
@@ -72,7 +82,7 @@ def _generate_batch(model, rows, max_new_tokens, eos_id, pad_id, temperature, to
         ids[i, width - len(r):] = torch.tensor(r, device=device)
         attn[i, width - len(r):] = 1
     pos = (attn.cumsum(-1) - 1).clamp(min=0)
-    out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, logits_to_keep=1)
+    out = model(input_ids=ids, attention_mask=attn, position_ids=pos, use_cache=True, **_last_logits_only(model))
     past, logits = out.past_key_values, out.logits[:, -1]
     next_pos = pos[:, -1:] + 1
     done = torch.zeros(b, dtype=torch.bool, device=device)
