@@ -124,7 +124,7 @@ def _bar(total, desc, enabled):
         tqdm = None
     if tqdm is None or not enabled:
         return _NoBar()
-    return tqdm(total=total, desc=desc, dynamic_ncols=True, leave=True, file=sys.stderr)
+    return tqdm(total=total, desc=desc, dynamic_ncols=True, leave=True, file=sys.stderr, mininterval=0.5)
 
 
 class _NoBar:
