@@ -99,6 +99,14 @@ def reduce(per_token, mask, reduction):
     return weighted.sum() / torch.where(denom > 0, denom, torch.ones_like(denom))
 
 
+def _stats(lead, log_p, mask, **per_token):
+    """Detached per-token stats, 0 at masked tokens, plus the full-vocabulary student entropy."""
+    with torch.no_grad():
+        keep = 1.0 if mask is None else (mask != 0).to(log_p.dtype)
+        per_token["entropy"] = -(log_p.exp() * log_p).sum(-1)
+        return {k: (v.detach() * keep).reshape(lead) for k, v in per_token.items()}
+
+
 def topk_rkl_loss(hidden, weight, teacher_ids, teacher_logprobs, mask=None, *, variant="stopgrad", bias=None,
                   temperature=1.0, ignore_ids=None, reduction="mean", return_stats=False,
                   compute_dtype=torch.float64):
@@ -121,17 +129,8 @@ def topk_rkl_loss(hidden, weight, teacher_ids, teacher_logprobs, mask=None, *, v
         loss = loss.reshape(lead)
     if not return_stats:
         return loss
-    with torch.no_grad():
-        keep = torch.ones_like(per_token) if m is None else (m != 0).to(per_token.dtype)
-        p = log_p.exp()
-        stats = {
-            "kl": per_token * keep,
-            "student_topk_mass": _masked(log_p_sel.exp(), valid).sum(-1) * keep,
-            "teacher_topk_mass": _masked(t.exp(), valid).sum(-1) * keep,
-            "entropy": -(p * log_p).sum(-1) * keep,
-        }
-        stats = {k: v.detach().reshape(lead) for k, v in stats.items()}
-    return loss, stats
+    return loss, _stats(lead, log_p, m, kl=per_token, student_topk_mass=_masked(log_p_sel.exp(), valid).sum(-1),
+                        teacher_topk_mass=_masked(t.exp(), valid).sum(-1))
 
 
 def sampled_token_rkl_loss(hidden, weight, token_ids, teacher_token_logprobs, mask=None, *, bias=None,
@@ -153,14 +152,5 @@ def sampled_token_rkl_loss(hidden, weight, token_ids, teacher_token_logprobs, ma
         loss = loss.reshape(lead)
     if not return_stats:
         return loss
-    with torch.no_grad():
-        keep = (m != 0).to(per_token.dtype)
-        p = log_p.exp()
-        stats = {
-            "kl": per_token * keep,
-            "student_logprob": _masked(log_p_x, live) * keep,
-            "teacher_logprob": _masked(t, live) * keep,
-            "entropy": -(p * log_p).sum(-1) * keep,
-        }
-        stats = {k: v.detach().reshape(lead) for k, v in stats.items()}
-    return loss, stats
+    return loss, _stats(lead, log_p, m, kl=per_token, student_logprob=_masked(log_p_x, live),
+                        teacher_logprob=_masked(t, live))
