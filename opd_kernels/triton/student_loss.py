@@ -89,6 +89,16 @@ def _logit_tile(h_ptr, w_ptr, b_ptr, rows, rmask, cols, cmask, H, inv_tau,
 
 
 @triton.jit
+def _accumulate(ptrs, values, mask, ATOMIC: tl.constexpr):
+    """``*ptrs += values``: fp32 atomics when other programs add to the same elements, else a plain
+    read-modify-write (the program owns them; fixed order, deterministic)."""
+    if ATOMIC:
+        tl.atomic_add(ptrs, values, mask=mask)
+    else:
+        tl.store(ptrs, tl.load(ptrs, mask=mask, other=0.0) + values, mask=mask)
+
+
+@triton.jit
 def _fwd_sweep_kernel(h_ptr, w_ptr, b_ptr, m_ptr, s_ptr, e_ptr, N, V, H, inv_tau, tiles_per_split,
                       HAS_BIAS: tl.constexpr, NEED_ENT: tl.constexpr, BN: tl.constexpr, BV: tl.constexpr,
                       BH: tl.constexpr, DOT_PREC: tl.constexpr):
@@ -163,10 +173,7 @@ def _bwd_dense_kernel(h_ptr, w_ptr, b_ptr, lse_ptr, c_ptr, gh_ptr, gw_ptr, gb_pt
                 dz = p * (-c * inv_tau)[:, None]                           # [BN, BV] fp32
                 if COMPUTE_DB:
                     db = tl.sum(dz, axis=0)                                # [BV]
-                    if ATOMIC_DW:
-                        tl.atomic_add(gb_ptr + cols, db, mask=cmask)
-                    else:
-                        tl.store(gb_ptr + cols, tl.load(gb_ptr + cols, mask=cmask, other=0.0) + db, mask=cmask)
+                    _accumulate(gb_ptr + cols, db, cmask, ATOMIC_DW)
                 dzc = dz.to(h_ptr.dtype.element_ty)
                 for k0 in range(0, H, BHG):
                     hk = k0 + tl.arange(0, BHG).to(tl.int64)
@@ -177,20 +184,14 @@ def _bwd_dense_kernel(h_ptr, w_ptr, b_ptr, lse_ptr, c_ptr, gh_ptr, gw_ptr, gb_pt
                         dh = tl.dot(dzc, wk, input_precision=DOT_PREC)                       # [BN, BHG]
                         gh_off = gh_base + rows[:, None] * H + hk[None, :]
                         gh_mask = rmask[:, None] & hmask[None, :]
-                        if ATOMIC_DH:
-                            tl.atomic_add(gh_off, dh, mask=gh_mask)
-                        else:
-                            tl.store(gh_off, tl.load(gh_off, mask=gh_mask, other=0.0) + dh, mask=gh_mask)
+                        _accumulate(gh_off, dh, gh_mask, ATOMIC_DH)
                     if COMPUTE_DW:
                         hk_t = tl.load(h_ptr + rows[:, None] * H + hk[None, :],
                                        mask=rmask[:, None] & hmask[None, :], other=0.0)     # [BN, BH]
                         dw = tl.dot(tl.trans(dzc), hk_t, input_precision=DOT_PREC)         # [BV, BH]
                         gw_off = gw_base + cols[:, None] * H + hk[None, :]
                         gw_mask = cmask[:, None] & hmask[None, :]
-                        if ATOMIC_DW:
-                            tl.atomic_add(gw_off, dw, mask=gw_mask)
-                        else:
-                            tl.store(gw_off, tl.load(gw_off, mask=gw_mask, other=0.0) + dw, mask=gw_mask)
+                        _accumulate(gw_off, dw, gw_mask, ATOMIC_DW)
 
 
 @triton.jit
