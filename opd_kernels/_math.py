@@ -18,6 +18,8 @@ applies the sparse part ``g`` on ≤ K ids and the dense part ``−c π`` in a r
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 #: Public loss variants of ``topk_rkl_loss``.
@@ -107,3 +109,18 @@ def slot_terms(variant: str, z_sel: torch.Tensor, lse: torch.Tensor | None,
     else:
         raise ValueError(f"unknown variant {variant!r}")
     return loss, g, student_mass, teacher_mass
+
+
+def merge_partials(m: torch.Tensor, s: torch.Tensor, e: Optional[torch.Tensor] = None):
+    """Combine per-split ``(m, s[, e])`` ``[S, N]`` into ``lse [N]`` (and the entropy ``[N]`` or None).
+
+    ``lse = M + log Σ_s s_s e^{m_s − M}``; ``H = lse − Σ π z = log T − Σ_s e^{m_s − M}(e_s + s_s (m_s − M)) / T``
+    with ``M = max_s m_s`` and ``T = Σ_s s_s e^{m_s − M}``. Fixed order: deterministic."""
+    top = m.max(0).values                                                  # [N]
+    scale = torch.exp(m - top)                                             # [S, N]
+    total = (s * scale).sum(0)
+    log_total = total.log()
+    lse = top + log_total
+    if e is None:
+        return lse, None
+    return lse, log_total - (scale * (e + s * (m - top))).sum(0) / total

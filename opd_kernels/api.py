@@ -12,8 +12,10 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from . import _student
 from . import _validation as V
 from ._config import get_options
+from ._spec import StudentLossSpec, TeacherSpec, build_spec
 
 
 class TeacherTopK(NamedTuple):
@@ -36,12 +38,13 @@ def triton_available() -> bool:
 
 
 def _backend(name, device):
+    """``(resolved name, backend module)`` for ``backend=name`` on ``device``."""
     V.check_choice("backend", name, V.BACKENDS)
     if name == "auto":
         name = "triton" if device.type == "cuda" and triton_available() else "torch"
     if name == "torch":
         from . import torch_backend
-        return torch_backend
+        return name, torch_backend
     if not triton_available():
         raise ValueError("backend='triton' needs Triton and a CUDA device (or TRITON_INTERPRET=1 for the "
                          "CPU interpreter); use backend='torch' or 'auto'")
@@ -49,12 +52,18 @@ def _backend(name, device):
         raise ValueError(f"backend='triton' needs CUDA tensors, got tensors on {device} "
                          "(set TRITON_INTERPRET=1 before importing opd_kernels to run the interpreter)")
     from .triton import backend as triton_backend
-    return triton_backend
+    return name, triton_backend
 
 
-def _backend_options():
-    opts = get_options()
-    return {"deterministic": opts.deterministic, "filter_eps": opts.filter_eps}
+def fold_slots(ids, logprobs, ignore=None):
+    """The backend form of teacher slots: ``(ids [N, K] int64 with -1 at every invalid slot, logprobs [N, K]
+    float32 with 0.0 there, valid [N, K] bool)``. A slot is valid when its id is ≥ 0, its log-prob is not
+    ``-inf`` and its id is not in ``ignore`` (int64 tensor or None)."""
+    ids, logprobs = ids.long(), logprobs.float()
+    valid = (ids >= 0) & (logprobs > float("-inf"))
+    if ignore is not None:
+        valid &= ~torch.isin(ids, ignore)
+    return torch.where(valid, ids, -1), torch.where(valid, logprobs, 0.0), valid
 
 
 def _kept_rows(keep):
@@ -126,18 +135,16 @@ def topk_rkl_loss(hidden, weight, teacher_ids, teacher_logprobs, mask=None, *, v
     k = V.check_teacher(teacher_ids, teacher_logprobs, lead, device)
     mask = V.check_mask(mask, lead, device)
     ignore = V.as_ignore_ids(ignore_ids, device)
-    impl = _backend(backend, device)
+    name, impl = _backend(backend, device)
+    spec = build_spec(StudentLossSpec, name, impl.SUPPORTED, get_options(), variant=variant,
+                      temperature=temperature, need_stats=bool(return_stats))
 
     n, vocab = hidden[..., 0].numel(), weight.shape[0]
     ids = teacher_ids.reshape(n, k).long()
     t = teacher_logprobs.reshape(n, k).float()
     if get_options().check_values:
         V.check_teacher_values(ids, t, vocab)
-    valid = (ids >= 0) & (t > float("-inf"))
-    if ignore is not None:
-        valid &= ~torch.isin(ids, ignore)
-    ids = torch.where(valid, ids, -1)
-    t = torch.where(valid, t, 0.0)
+    ids, t, valid = fold_slots(ids, t, ignore)
 
     weights = _float_weights(mask)
     keep = None if mask is None else weights != 0
@@ -148,8 +155,7 @@ def topk_rkl_loss(hidden, weight, teacher_ids, teacher_logprobs, mask=None, *, v
     h = hidden.reshape(n, hidden.shape[-1])
     if idx is not None:
         h, ids, t = h.index_select(0, idx), ids.index_select(0, idx), t.index_select(0, idx)
-    loss_rows, stats_rows = impl.topk_rkl(h, weight, bias, ids, t, variant, temperature, return_stats,
-                                          **_backend_options())
+    loss_rows, stats_rows = _student.student_loss(impl, h, weight, bias, ids, t, spec)
     loss = _reduce(_scatter_rows(loss_rows, idx, n), weights, reduction, lead)
     if not return_stats:
         return loss
@@ -186,7 +192,9 @@ def sampled_token_rkl_loss(hidden, weight, token_ids, teacher_token_logprobs, ma
     V.check_int_tensor("token_ids", token_ids, lead, device)
     V.check_float_tensor("teacher_token_logprobs", teacher_token_logprobs, lead, device)
     mask = V.check_mask(mask, lead, device)
-    impl = _backend(backend, device)
+    name, impl = _backend(backend, device)
+    spec = build_spec(StudentLossSpec, name, impl.SUPPORTED, get_options(), variant="sampled",
+                      temperature=temperature, need_stats=bool(return_stats))
 
     n, vocab = hidden[..., 0].numel(), weight.shape[0]
     ids = token_ids.reshape(n, 1).long()
@@ -205,8 +213,7 @@ def sampled_token_rkl_loss(hidden, weight, token_ids, teacher_token_logprobs, ma
     h = hidden.reshape(n, hidden.shape[-1])
     if idx is not None:
         h, ids, t = h.index_select(0, idx), ids.index_select(0, idx), t.index_select(0, idx)
-    loss_rows, stats_rows = impl.topk_rkl(h, weight, bias, ids, t, "sampled", temperature, return_stats,
-                                          **_backend_options())
+    loss_rows, stats_rows = _student.student_loss(impl, h, weight, bias, ids, t, spec)
     loss = _reduce(_scatter_rows(loss_rows, idx, n), weights, reduction, lead)
     if not return_stats:
         return loss
@@ -250,10 +257,11 @@ def teacher_topk(hidden, weight, k, *, bias=None, temperature=1.0, ignore_ids=No
     selectable = vocab - (0 if ignore is None else ignore.numel())
     if not 1 <= k <= selectable:
         raise ValueError(f"k must be in [1, {selectable}] (vocabulary {vocab} minus ignored ids), got {k}")
-    impl = _backend(backend, device)
+    name, impl = _backend(backend, device)
     max_k = getattr(impl, "MAX_TEACHER_K", None)
     if max_k is not None and k > max_k:
-        raise ValueError(f"backend='triton' supports k ≤ {max_k}, got k = {k}")
+        raise ValueError(f"backend={name!r} supports k ≤ {max_k}, got k = {k}")
+    spec = build_spec(TeacherSpec, name, impl.TEACHER_SUPPORTED, get_options(), k=k, temperature=temperature)
     n = hidden[..., 0].numel()
     tok = None
     if token_ids is not None:
@@ -262,8 +270,8 @@ def teacher_topk(hidden, weight, k, *, bias=None, temperature=1.0, ignore_ids=No
         if get_options().check_values and n and bool(((tok < 0) | (tok >= vocab)).any()):
             raise ValueError(f"token_ids must be in [0, {vocab}) (the teacher vocabulary)")
     with torch.no_grad():
-        ids, logprobs, lse, token_lp = impl.teacher_topk(hidden.reshape(n, hidden.shape[-1]), weight, bias, k,
-                                                         temperature, ignore, tok)
+        ids, logprobs, lse, token_lp = impl.teacher_topk(hidden.reshape(n, hidden.shape[-1]), weight, bias,
+                                                         ignore, tok, spec)
     return TeacherTopK(ids.reshape(*lead, k), logprobs.reshape(*lead, k), lse.reshape(lead),
                        None if token_lp is None else token_lp.reshape(lead))
 

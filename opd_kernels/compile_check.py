@@ -4,7 +4,8 @@
 
 Prints one JSON object per build: ``kernel``, ``arch``, ``config``, ``registers``, ``spill_bytes``,
 ``shared_bytes``, ``tensor_cores`` (``HGMMA`` in the SASS on sm_90 / ``HMMA`` on sm_80+) and ``has_matmul``.
-Kernel modules list their builds with ``compile_specs(hidden_size)`` (``opd_kernels.triton._compile``).
+Every module of ``opd_kernels.triton`` that defines ``compile_specs(hidden_size, arch)`` is discovered and
+built (one module per kernel family, see ``opd_kernels.triton._compile``).
 
 The Triton interpreter cannot compile: when ``TRITON_INTERPRET`` is set, the check re-runs itself in a
 subprocess without it. Exit status 1 if a build fails.
@@ -18,12 +19,12 @@ import importlib
 import inspect
 import json
 import os
+import pkgutil
 import re
 import subprocess
 import sys
 import tempfile
 
-MODULES = ("opd_kernels.triton.student_loss", "opd_kernels.triton.teacher_topk")
 DEFAULT_HIDDEN = (2048, 4096, 8192)
 
 
@@ -67,10 +68,10 @@ def _dump(cubin: bytes, tool: str) -> tuple[dict, str]:
     return res, sass
 
 
-def _attrs(spec):
+def _attrs(signature):
     """Specialization the JIT would apply: pointers and H-like sizes divisible by 16."""
     attrs = {}
-    for i, (name, ty) in enumerate(spec.signature.items()):
+    for i, (name, ty) in enumerate(signature.items()):
         if ty.startswith("*") or name == "H":
             attrs[(i,)] = [["tt.divisibility", 16]]
     return attrs
@@ -81,7 +82,8 @@ def build(spec, arch: int, tool: str | None) -> dict:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    src = ASTSource(spec.fn, spec.signature, spec.constexprs, _attrs(spec))
+    signature = spec.signature
+    src = ASTSource(spec.fn, signature, spec.constexprs, _attrs(signature))
     kernel = triton.compile(src, target=GPUTarget("cuda", arch, 32),
                             options={"num_warps": spec.num_warps, "num_stages": spec.num_stages})
     row = {"kernel": spec.kernel, "arch": f"sm_{arch}", "config": spec.config, "has_matmul": spec.has_matmul}
@@ -97,16 +99,20 @@ def build(spec, arch: int, tool: str | None) -> dict:
     return row
 
 
+def family_modules():
+    """The kernel-family modules of ``opd_kernels.triton``: those that define ``compile_specs``."""
+    import opd_kernels.triton as pkg
+    mods = []
+    for info in sorted(pkgutil.iter_modules(pkg.__path__), key=lambda i: i.name):
+        mod = importlib.import_module(f"{pkg.__name__}.{info.name}")
+        if callable(getattr(mod, "compile_specs", None)):
+            mods.append(mod)
+    return mods
+
+
 def collect_specs(hidden_sizes, arch=90):
     out = []
-    for name in MODULES:
-        try:
-            mod = importlib.import_module(name)
-        except ImportError as exc:
-            if exc.name == name:
-                print(json.dumps({"skipped_module": name, "reason": str(exc)}), file=sys.stderr)
-                continue
-            raise
+    for mod in family_modules():
         takes_arch = "arch" in inspect.signature(mod.compile_specs).parameters
         for h in hidden_sizes:
             out.extend(mod.compile_specs(h, arch=arch) if takes_arch else mod.compile_specs(h))

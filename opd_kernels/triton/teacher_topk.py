@@ -18,31 +18,29 @@ Sweep kernel, grid ``(row blocks, vocab splits)``: each program walks the vocabu
   tile without hits is not merged), but all are real, distinct ids, so the top k stay exact.
 
 Partial ``(m, s, best)`` per split are merged in PyTorch on ``O(N · splits · KP)`` data (a top-k over unique
-integer keys: deterministic). Token log-probs come from a small gathered-dot-product kernel.
+integer keys: deterministic). Token log-probs are the K = 1 case of ``gather.py``.
 """
 
 from __future__ import annotations
-
 
 import torch
 import triton
 import triton.language as tl
 
+from .. import _math
+from . import _configs, gather
+from ._common import LN2, LOG2E, TL_DTYPE, alloc, device_info, dot_precision
 from ._compile import CompileSpec
-from ._interp import install_interpreter_fixes
 
-_LN2 = 0.6931471805599453
-_MAX_K = 256
-_TL = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-
-
-install_interpreter_fixes()
+#: Largest k the teacher kernel supports.
+MAX_K = 256
 
 
 # ---------------------------------------------------------------------------------------------- kernels
 
 _MIN_KEY = tl.constexpr(-9223372036854775807 - 1)      # empty slot: below every packed key
 _NEG_MAX = tl.constexpr(-3.4028234663852886e38)          # -inf logits are selectable as −FLT_MAX
+_LOG2E = tl.constexpr(LOG2E)
 
 
 @triton.jit
@@ -180,7 +178,7 @@ def _teacher_sweep_kernel(h_src, w_src, b_ptr, ign_ptr, m_ptr, s_ptr, key_ptr,
         z = tl.where(col_ok[None, :], z, float("-inf"))
 
         # online log-sum-exp (base 2)
-        z2 = z * 1.4426950408889634
+        z2 = z * _LOG2E
         m_new = tl.maximum(m, tl.max(z2, axis=1))
         s = s * tl.exp2(m - m_new) + tl.sum(tl.exp2(z2 - m_new[:, None]), axis=1)
         m = m_new
@@ -205,70 +203,11 @@ def _teacher_sweep_kernel(h_src, w_src, b_ptr, ign_ptr, m_ptr, s_ptr, key_ptr,
     tl.store(key_ptr + out[:, None] * KP + kcol[None, :], best, mask=row_ok[:, None])
 
 
-@triton.jit
-def _token_logit_kernel(h_ptr, w_ptr, b_ptr, tok_ptr, out_ptr, N, H, inv_tau,
-                        HAS_BIAS: tl.constexpr, BN: tl.constexpr, BH: tl.constexpr):
-    """``out_n = (h_n · W[x_n] + b[x_n]) / τ`` for given token ids (fp32 accumulation)."""
-    rows = tl.program_id(0) * BN + tl.arange(0, BN)                    # [BN]
-    row_ok = rows < N
-    rows64 = rows.to(tl.int64)
-    tok = tl.load(tok_ptr + rows64, mask=row_ok, other=0)              # [BN] int64
-    acc = tl.zeros([BN, BH], tl.float32)
-    for k0 in range(0, H, BH):
-        hk = k0 + tl.arange(0, BH)
-        mask = row_ok[:, None] & (hk[None, :] < H)
-        hv = tl.load(h_ptr + rows64[:, None] * H + hk[None, :], mask=mask, other=0.0).to(tl.float32)
-        wv = tl.load(w_ptr + tok[:, None] * H + hk[None, :], mask=mask, other=0.0).to(tl.float32)
-        acc += hv * wv                                                 # [BN, BH]
-    zt = tl.sum(acc, axis=1)
-    if HAS_BIAS:
-        zt += tl.load(b_ptr + tok, mask=row_ok, other=0.0).to(tl.float32)
-    tl.store(out_ptr + rows64, zt * inv_tau, mask=row_ok)
-
 
 # ---------------------------------------------------------------------------------------------- launcher
 
 def _next_pow2(x: int) -> int:
-    return 1 << max(0, (int(x) - 1).bit_length())
-
-
-def _config(kp: int, method: str, interpret: bool, arch: int = 90) -> dict:
-    """Launch configuration, checked free of spills on sm_90 and sm_80 with ``compile_specs``. ``extract``
-    has no constraint between BV and KP; ``bitonic`` holds the tile's int64 keys and needs BV ≥ KP.
-    On sm_90 the tiles load through tensor descriptors (TMA), which frees the address registers."""
-    if interpret:
-        return dict(BN=32, BV=max(64, kp), BH=64, CB=min(kp, 4), num_warps=4, num_stages=1, TMA=False)
-    tma = arch >= 90
-    if method == "extract":
-        bn = 64 if arch >= 90 or kp <= 64 else 32
-        return dict(BN=bn, BV=128, BH=64, CB=min(kp, 8), num_warps=8, num_stages=3, TMA=tma)
-    cb = 0 if kp < 16 or kp > 128 else min(kp // 4, 8)
-    if kp > 128:
-        return dict(BN=64, BV=256, BH=64, CB=cb, num_warps=16, num_stages=3, TMA=tma)   # spills
-    if arch >= 90:
-        return dict(BN=64, BV=128, BH=64, CB=cb, num_warps=8, num_stages=3, TMA=tma)
-    if kp <= 64:
-        return dict(BN=64, BV=64, BH=64, CB=cb, num_warps=8, num_stages=3, TMA=tma)
-    return dict(BN=32, BV=128, BH=64, CB=cb, num_warps=8, num_stages=3, TMA=tma)
-
-
-def _tma_ok(hidden, weight) -> bool:
-    """Tensor descriptors need 16-byte aligned bases and row strides."""
-    size = hidden.element_size()
-    return all(t.data_ptr() % 16 == 0 and (t.stride(0) * size) % 16 == 0 for t in (hidden, weight))
-
-
-def _arch(device) -> int:
-    if device.type == "cuda":
-        major, minor = torch.cuda.get_device_capability(device)
-        return 10 * major + minor
-    return 90
-
-
-def _num_sms(device) -> int:
-    if device.type == "cuda":
-        return torch.cuda.get_device_properties(device).multi_processor_count
-    return 132
+    return triton.next_power_of_2(max(1, int(x)))
 
 
 def _choose_splits(row_blocks: int, n_tiles: int, sms: int) -> int:
@@ -295,53 +234,50 @@ def _decode_keys(keys: torch.Tensor):
     return ids, z.masked_fill(z == -torch.finfo(torch.float32).max, float("-inf"))
 
 
-def teacher_topk(hidden, weight, bias, k, temperature, ignore_ids, token_ids, *, splits=None, block_n=None,
-                 block_v=None, block_h=None, method="extract", cand_block=None, tma=None, **_options):
-    """Backend entry (contract in ``opd_kernels.api``): ``(ids [N,k], logprobs [N,k], lse [N], token_lp)``.
+def _tma_ok(hidden, weight) -> bool:
+    """Tensor descriptors need 16-byte aligned bases and row strides."""
+    size = hidden.element_size()
+    return all(t.data_ptr() % 16 == 0 and (t.stride(0) * size) % 16 == 0 for t in (hidden, weight))
 
-    ``method``: ``"extract"`` (default; repeated arg-max over each tile's hits) or ``"bitonic"`` (``tl.topk``
-    of every tile that has hits). ``splits`` / ``block_*`` / ``cand_block`` (CB) override the launch
-    configuration, ``tma`` the loads through tensor descriptors (default: on sm_90+ when the strides allow;
-    tests, tuning); other options are ignored."""
+
+def _check_plan(cfg: dict, kp: int) -> None:
+    """Launch-plan constraints (a bad override is a ValueError, never a kernel crash)."""
+    cb = cfg["CB"]
+    if cfg["method"] == "bitonic":
+        if cfg["BV"] < kp:
+            raise ValueError(f"teacher BV ({cfg['BV']}) must be ≥ next_pow2(k) = {kp} for method='bitonic'")
+        if cb and (cb & (cb - 1) or cb >= kp):
+            raise ValueError(f"teacher CB (candidate block) must be 0 or a power of two below {kp} for "
+                             f"method='bitonic', got {cb}")
+    elif cb < 1 or cb & (cb - 1) or cb > kp:
+        raise ValueError(f"teacher CB (candidate block) must be a power of two in [1, {kp}] for "
+                         f"method='extract', got {cb}")
+
+
+def teacher_topk(hidden, weight, bias, ignore_ids, token_ids, k: int, inv_tau: float):
+    """``(ids [N,k] int64, logprobs [N,k] fp32, lse [N] fp32, token_logprobs [N] fp32 or None)``.
+
+    ``hidden [N, H]`` / ``weight [V, H]`` / ``bias [V]`` (one dtype), ``ignore_ids`` int64 ids never selected
+    (or None), ``token_ids [N]`` int64 in range (or None). The launch plan (tiles, ``method``, ``splits``)
+    comes from ``_configs.teacher_tiles`` and its ``teacher`` override."""
     n, h_dim = hidden.shape
     vocab = weight.shape[0]
     dev = hidden.device
-    k = int(k)
-    if not 1 <= k <= _MAX_K:
-        raise ValueError(f"k must be in [1, {_MAX_K}] for the Triton teacher kernel, got {k}")
+    if not 1 <= k <= MAX_K:
+        raise ValueError(f"k must be in [1, {MAX_K}] for the Triton teacher kernel, got {k}")
     kp = _next_pow2(k)
-    interpret = dev.type != "cuda"
-    if method not in ("extract", "bitonic"):
-        raise ValueError(f"method must be 'extract' or 'bitonic', got {method!r}")
-    cfg = _config(kp, method, interpret, _arch(dev))
-    if block_n is not None:
-        cfg["BN"] = block_n
-    if block_v is not None:
-        cfg["BV"] = block_v
-    if block_h is not None:
-        cfg["BH"] = block_h
-    if cand_block is not None:
-        cfg["CB"] = int(cand_block)
-    cb = cfg["CB"]
-    if method == "bitonic":
-        if cfg["BV"] < kp:
-            raise ValueError(f"block_v ({cfg['BV']}) must be ≥ next_pow2(k) = {kp} for method='bitonic'")
-        if cb and (cb & (cb - 1) or cb >= kp):
-            raise ValueError(f"cand_block must be 0 or a power of two below {kp} for method='bitonic', got {cb}")
-    elif cb < 1 or cb & (cb - 1) or cb > kp:
-        raise ValueError(f"cand_block must be a power of two in [1, {kp}] for method='extract', got {cb}")
+    cfg = _configs.teacher_tiles(kp, dev)
+    _check_plan(cfg, kp)
 
-    ids = torch.full((n, k), -1, dtype=torch.long, device=dev)
-    logprobs = torch.full((n, k), float("nan"), dtype=torch.float32, device=dev)
-    lse = torch.full((n,), float("nan"), dtype=torch.float32, device=dev)
-    token_lp = None if token_ids is None else torch.full((n,), float("nan"), dtype=torch.float32, device=dev)
+    ids = alloc((n, k), torch.long, dev, poison=-1)
+    logprobs = alloc((n, k), torch.float32, dev)
+    lse = alloc((n,), torch.float32, dev)
+    token_lp = None if token_ids is None else alloc((n,), torch.float32, dev)
     if n == 0:
         return ids, logprobs, lse, token_lp
 
-    hidden = hidden.contiguous()
-    weight = weight.contiguous()
+    hidden, weight = hidden.contiguous(), weight.contiguous()
     bias = None if bias is None else bias.contiguous()
-    inv_tau = 1.0 / float(temperature)
     ign = None
     if ignore_ids is not None and ignore_ids.numel():
         ign = torch.zeros(vocab, dtype=torch.int8, device=dev)
@@ -350,19 +286,18 @@ def teacher_topk(hidden, weight, bias, k, temperature, ignore_ids, token_ids, *,
     bn, bv, bh = cfg["BN"], cfg["BV"], cfg["BH"]
     row_blocks = triton.cdiv(n, bn)
     n_tiles = triton.cdiv(vocab, bv)
+    splits = cfg["splits"]
     if splits is None:
-        splits = _choose_splits(row_blocks, n_tiles, _num_sms(dev))
+        splits = _choose_splits(row_blocks, n_tiles, device_info(dev)[1])
     splits = max(1, min(int(splits), n_tiles))
     tiles_per_split = triton.cdiv(n_tiles, splits)
     splits = triton.cdiv(n_tiles, tiles_per_split)                      # every split non-empty
 
-    part_m = torch.full((splits, n), float("nan"), dtype=torch.float32, device=dev)
-    part_s = torch.full((splits, n), float("nan"), dtype=torch.float32, device=dev)
-    part_k = torch.full((splits, n, kp), 2**63 - 1, dtype=torch.long, device=dev)   # poison: wins, decodes out of range
+    part_m = alloc((splits, n), torch.float32, dev)
+    part_s = alloc((splits, n), torch.float32, dev)
+    part_k = alloc((splits, n, kp), torch.long, dev, poison=2**63 - 1)  # poison wins, decodes out of range
     dummy = hidden
-    if tma is None:
-        tma = cfg["TMA"]
-    tma = bool(tma) and _tma_ok(hidden, weight)
+    tma = bool(cfg["TMA"]) and _tma_ok(hidden, weight)
     if tma:
         from triton.tools.tensor_descriptor import TensorDescriptor
         h_src = TensorDescriptor.from_tensor(hidden, [bn, bh])
@@ -371,16 +306,14 @@ def teacher_topk(hidden, weight, bias, k, temperature, ignore_ids, token_ids, *,
         h_src, w_src = hidden, weight
     _teacher_sweep_kernel[(splits, row_blocks)](
         h_src, w_src, dummy if bias is None else bias, dummy if ign is None else ign,
-        part_m, part_s, part_k, n, vocab, h_dim, inv_tau, tiles_per_split, k,
-        HAS_BIAS=bias is not None, HAS_IGNORE=ign is not None, KP=kp, EXTRACT=method == "extract", CB=cb,
-        BN=bn, BV=bv, BH=bh, EVEN_H=h_dim % bh == 0, TMA=tma,
-        DOT_PREC="ieee" if hidden.dtype == torch.float32 else "tf32",
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
+        part_m, part_s, part_k, n, vocab, h_dim, float(inv_tau), tiles_per_split, k,
+        HAS_BIAS=bias is not None, HAS_IGNORE=ign is not None, KP=kp, EXTRACT=cfg["method"] == "extract",
+        CB=cfg["CB"], BN=bn, BV=bv, BH=bh, EVEN_H=h_dim % bh == 0, TMA=tma,
+        DOT_PREC=dot_precision(hidden.dtype), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
-    # merge the splits: lse = log Σ_s s_s 2^(m_s) ; top-k of all partial keys (unique → deterministic)
-    m_max = part_m.max(dim=0).values                                    # [N]
-    total = (part_s * torch.exp2(part_m - m_max)).sum(dim=0)
-    lse.copy_((m_max + torch.log2(total)) * _LN2)
+    # merge the splits: the base-2 partials are natural ones scaled by ln 2; top-k of all partial keys
+    # (unique → deterministic)
+    lse.copy_(_math.merge_partials(part_m * LN2, part_s)[0])
     cand = part_k.permute(1, 0, 2).reshape(n, splits * kp)
     top = cand.topk(k, dim=1).values                                   # [N, k] descending, unique keys
     top_ids, top_z = _decode_keys(top)
@@ -388,47 +321,32 @@ def teacher_topk(hidden, weight, bias, k, temperature, ignore_ids, token_ids, *,
     logprobs.copy_(top_z - lse[:, None])
 
     if token_ids is not None:
-        tz = torch.full((n,), float("nan"), dtype=torch.float32, device=dev)
-        tbn = 16
-        _token_logit_kernel[(triton.cdiv(n, tbn),)](
-            hidden, weight, dummy if bias is None else bias, token_ids.contiguous(), tz, n, h_dim, inv_tau,
-            HAS_BIAS=bias is not None, BN=tbn, BH=64 if interpret else 128, num_warps=4)
-        token_lp.copy_(tz - lse)
+        tz = gather.gather_logits(hidden, weight, bias, token_ids.reshape(n, 1).contiguous(), inv_tau)
+        token_lp.copy_(tz[:, 0] - lse)
     return ids, logprobs, lse, token_lp
 
 
 # ---------------------------------------------------------------------------------------------- compile check
 
 def compile_specs(hidden_size: int, arch: int = 90, dtype=torch.bfloat16) -> list[CompileSpec]:
-    """Sweep kernels at production configs and the token kernel (bf16 by default), for
-    ``python -m opd_kernels.compile_check``."""
-    p = "*" + _TL[dtype]
-    prec = "ieee" if dtype == torch.float32 else "tf32"
+    """Sweep kernels at production configs (bf16 by default): the default method at every k class, and the
+    alternative at the target k (it spills at k > 128)."""
+    p = "*" + TL_DTYPE[dtype]
+    prec = dot_precision(dtype, allow_tf32=False)
     specs = []
-    # the default method at every k class, and the alternative at the target k (it spills at k > 128)
     for method, ks in (("extract", (1, 20, 64, 128, 256)), ("bitonic", (64,))):
         for k in ks:
             kp = _next_pow2(k)
-            c = _config(kp, method, interpret=False, arch=arch)
+            c = _configs.teacher_prod_tiles(kp, method, arch)
             specs.append(CompileSpec(
                 kernel=f"teacher_sweep_{method}_k{k}", fn=_teacher_sweep_kernel,
-                signature=dict(h_src=f"tensordesc<{_TL[dtype]}[{c['BN']}, {c['BH']}]>" if c["TMA"] else p,
-                               w_src=f"tensordesc<{_TL[dtype]}[{c['BV']}, {c['BH']}]>" if c["TMA"] else p,
-                               b_ptr=p, ign_ptr="*i8", m_ptr="*fp32", s_ptr="*fp32",
-                               key_ptr="*i64", N="i32", V="i32", H="i32", inv_tau="fp32", tiles_per_split="i32",
-                               K_SEL="i32", HAS_BIAS="constexpr", HAS_IGNORE="constexpr", KP="constexpr",
-                               EXTRACT="constexpr", CB="constexpr", BN="constexpr", BV="constexpr",
-                               BH="constexpr", EVEN_H="constexpr", TMA="constexpr", DOT_PREC="constexpr"),
                 constexprs=dict(HAS_BIAS=False, HAS_IGNORE=True, KP=kp, EXTRACT=method == "extract", CB=c["CB"],
                                 BN=c["BN"], BV=c["BV"], BH=c["BH"], EVEN_H=hidden_size % c["BH"] == 0,
                                 TMA=c["TMA"], DOT_PREC=prec),
+                pointers=dict(h_src=f"tensordesc<{TL_DTYPE[dtype]}[{c['BN']}, {c['BH']}]>" if c["TMA"] else p,
+                              w_src=f"tensordesc<{TL_DTYPE[dtype]}[{c['BV']}, {c['BH']}]>" if c["TMA"] else p,
+                              b_ptr=p, ign_ptr="*i8", key_ptr="*i64"),
                 num_warps=c["num_warps"], num_stages=c["num_stages"], has_matmul=True,
-                config=dict(method=method, k=k, KP=kp, CB=c["CB"], BN=c["BN"], BV=c["BV"], BH=c["BH"], TMA=c["TMA"],
-                            num_warps=c["num_warps"], num_stages=c["num_stages"], H=hidden_size)))
-    specs.append(CompileSpec(
-        kernel="teacher_token_logit", fn=_token_logit_kernel,
-        signature=dict(h_ptr=p, w_ptr=p, b_ptr=p, tok_ptr="*i64", out_ptr="*fp32", N="i32", H="i32",
-                       inv_tau="fp32", HAS_BIAS="constexpr", BN="constexpr", BH="constexpr"),
-        constexprs=dict(HAS_BIAS=False, BN=16, BH=128), num_warps=4, num_stages=1, has_matmul=False,
-        config=dict(BN=16, BH=128, H=hidden_size)))
+                config=dict(method=method, k=k, KP=kp, CB=c["CB"], BN=c["BN"], BV=c["BV"], BH=c["BH"],
+                            TMA=c["TMA"], num_warps=c["num_warps"], num_stages=c["num_stages"], H=hidden_size)))
     return specs

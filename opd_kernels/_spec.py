@@ -1,0 +1,123 @@
+"""What a student-loss call computes, as one frozen object passed from ``api.py`` to the backend.
+
+``api.py`` builds a :class:`StudentLossSpec` once per call from the arguments and the global options, then
+asks the chosen backend whether it supports every field that is not at its default
+(:func:`check_supported`). The autograd Function and the backend primitives take the spec as their only
+non-tensor argument, so adding an option is one field here, one validation in ``api.py`` and the code that
+uses it: no function signature changes, and a backend that lacks the option refuses it instead of returning
+a silently different loss.
+
+Two kinds of field:
+
+- **math** fields change what is computed (``variant``, ``temperature``); an unsupported non-default value
+  is a ``ValueError`` naming the backend and the field.
+- **tuning** fields are process-wide hints from :class:`opd_kernels.Options` (``deterministic``,
+  ``filter_eps`` for the Triton kernels; ``chunk_size``, ``memory_budget_bytes`` for the chunked PyTorch
+  backend). ``api.py`` fills them only for a backend that declares them, so a global option never breaks a
+  call that lands on a backend without it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import NamedTuple, Optional
+
+import torch
+
+#: Fields filled from the global options, only for backends that declare them.
+TUNING_FIELDS = ("deterministic", "filter_eps", "chunk_size", "memory_budget_bytes")
+
+
+@dataclass(frozen=True)
+class StudentLossSpec:
+    """Everything but the tensors that a student loss (``topk_rkl_loss`` / ``sampled_token_rkl_loss``) needs.
+
+    Attributes:
+        variant: one of ``_math.VARIANTS`` or ``_math.SAMPLED``.
+        temperature: student logits are ``(h Wᵀ + b) / temperature``.
+        need_stats: also compute the per-token stats (entropy needs the full-vocabulary sweep).
+        deterministic: Triton: no atomics whose order changes results.
+        filter_eps: Triton: backward skips tiles whose π is below it (None = the dtype default, 0 = off).
+        chunk_size: torch: rows per chunk (None = derived from ``memory_budget_bytes``).
+        memory_budget_bytes: torch: peak bytes of the per-chunk ``[chunk, V]`` temporaries.
+    """
+
+    variant: str
+    temperature: float = 1.0
+    need_stats: bool = False
+    deterministic: bool = False
+    filter_eps: float | None = None
+    chunk_size: int | None = None
+    memory_budget_bytes: int = 256 * 2**20
+
+    @property
+    def inv_tau(self) -> float:
+        return 1.0 / self.temperature
+
+
+@dataclass(frozen=True)
+class TeacherSpec:
+    """Everything but the tensors that ``teacher_topk`` needs (tuning fields as in :class:`StudentLossSpec`)."""
+
+    k: int
+    temperature: float = 1.0
+    chunk_size: int | None = None
+    memory_budget_bytes: int = 256 * 2**20
+
+
+#: Fields every backend must support (they define the call).
+REQUIRED_FIELDS = frozenset({"variant", "need_stats", "k"})
+
+
+def build_spec(cls, backend_name: str, supported, options, **fields):
+    """``cls(**fields)`` plus the tuning options the backend declares; raises for unsupported fields.
+
+    Args:
+        cls: :class:`StudentLossSpec` or :class:`TeacherSpec`.
+        backend_name: the resolved backend (``"torch"`` / ``"triton"``), for the error message.
+        supported: the backend's declared field names.
+        options: the global :class:`opd_kernels.Options`.
+        fields: the call's own fields (variant, temperature, …).
+    """
+    names = {f.name for f in dataclasses.fields(cls)}
+    for name in TUNING_FIELDS:
+        if name in supported and name in names:
+            fields[name] = getattr(options, name)
+    spec = cls(**fields)
+    check_supported(spec, backend_name, supported)
+    return spec
+
+
+def check_supported(spec, backend_name: str, supported) -> None:
+    """``ValueError`` naming the backend and the field when a non-default field is not in ``supported``."""
+    for f in dataclasses.fields(spec):
+        if f.name in REQUIRED_FIELDS or f.name in supported:
+            continue
+        value = getattr(spec, f.name)
+        if value != f.default:
+            raise ValueError(f"backend={backend_name!r} does not support {f.name} (got {f.name}={value!r}); "
+                             f"use a backend that does, or leave it at its default {f.default!r}")
+
+
+# ------------------------------------------------------------------ what backend primitives exchange
+
+class Partials(NamedTuple):
+    """Online-softmax partial results of one vocabulary sweep, one row per split: ``[S, N]`` each."""
+    m: torch.Tensor                      #: max z over the split
+    s: torch.Tensor                      #: Σ exp(z − m)
+    e: Optional[torch.Tensor] = None     #: Σ exp(z − m)(z − m), for the entropy
+    z_sel: Optional[torch.Tensor] = None  #: [N, K] logits at the ids, when the sweep produced them
+
+
+@dataclass
+class GradBuffers:
+    """Zeroed gradient accumulators a backend allocates in ``grad_buffers`` and fills in backward.
+
+    ``h``: fp32 ``[N, H]`` dense grad_h (None without a dense part or when grad_h is not needed);
+    ``w``: grad_W accumulator (dtype chosen by the backend); ``b``: fp32 ``[V]`` grad_b; ``need_h``: whether
+    grad_h is wanted at all (``h`` is None also when only the sparse part contributes)."""
+    need_h: bool = False
+    h: Optional[torch.Tensor] = None
+    w: Optional[torch.Tensor] = None
+    b: Optional[torch.Tensor] = None

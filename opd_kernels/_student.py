@@ -1,0 +1,102 @@
+"""The one autograd Function of the student losses, over the primitives every backend provides.
+
+Per token n, with ``z = (h Wᵀ + b) / τ``, ``lse = logsumexp(z)``, ``π = softmax(z)`` and the per-slot
+coefficients ``g`` of ``_math.slot_terms``:
+
+    ∂ℓ_n/∂(h Wᵀ + b)_nj = (Σ_k g_nk [j = id_nk] − c_n π_nj) / τ,        c_n = Σ_k g_nk
+
+The plan, written once here for both backends:
+
+    forward:   (m, s, e)[split, N], z_sel? = B.lse_partials(h, W, b, ids, spec)   one vocabulary sweep
+               lse, entropy = merge_partials(m, s, e)       the one place where splits / chunks combine
+               z_sel = B.gather_logits(h, W, b, ids, spec)  K gathered dot products (if the sweep gave none)
+               loss, g, masses = _math.slot_terms(...)      O(N·K), no vocabulary
+    backward:  g ← g · upstream;  buf = B.grad_buffers(...)
+               B.dense_backward(h, W, b, lse, c = Σ_k g, spec, buf)     −c π / τ, recomputing logit tiles
+               grad_h, grad_W, grad_b = B.sparse_backward(h, W, ids, g / τ, spec, buf)
+
+Backend primitive contracts (``opd_kernels.torch_backend`` is the readable reference of each; tests check
+every primitive against ``reference/primitives.py``):
+
+- ``lse_partials(hidden [N,H], weight [V,H], bias [V]|None, ids [N,K], spec) -> Partials``: per split of
+  the vocabulary (``S ≥ 1``) ``m [S,N]`` = max z, ``s [S,N]`` = Σ exp(z − m), ``e [S,N]`` = Σ exp(z − m)(z − m)
+  (only when ``spec.need_stats``, else None), and optionally ``z_sel [N,K]`` when the sweep gathers it for
+  free (else None).
+- ``gather_logits(hidden, weight, bias, ids, spec) -> z_sel [N,K]`` fp32; any finite value where ids < 0.
+- ``grad_buffers(hidden, weight, bias, need_h, need_w, need_b, dense) -> GradBuffers``: zeroed accumulators.
+- ``dense_backward(hidden, weight, bias, lse [N], c [N], spec, buf)``: adds the dense part ``−c π / τ``.
+- ``sparse_backward(hidden, weight, ids, gs [N,K], spec, buf) -> (grad_h, grad_W, grad_b)``: adds
+  ``gs`` (= g / τ, zero at invalid slots) at the ids and returns the gradients in the input dtypes (None
+  where not needed).
+
+Inputs come validated and flattened from ``api.py``: ``ids`` int64 with -1 at invalid slots,
+``teacher_logprobs`` float32 with 0.0 there. Stats are outputs of the Function (non-differentiable).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import _math
+from ._math import merge_partials
+from ._spec import StudentLossSpec
+
+
+class StudentLossFunction(torch.autograd.Function):
+    """Per-token loss ``ℓ [N]`` (and detached stats) of one spec; differentiable w.r.t. hidden, weight, bias.
+
+    ``apply(hidden, weight, bias, ids, teacher_logprobs, spec, backend)`` →
+    ``(loss, kl, student_topk_mass, teacher_topk_mass, entropy)``, each ``[N]`` float32; the stats are
+    empty tensors when ``spec.need_stats`` is false."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, ids, teacher_logprobs, spec: StudentLossSpec, backend):
+        hidden, weight = hidden.contiguous(), weight.contiguous()
+        bias = None if bias is None else bias.contiguous()
+        ids, teacher_logprobs = ids.contiguous(), teacher_logprobs.contiguous()
+        n = hidden.shape[0]
+        valid = ids >= 0
+        lse = entropy = z_sel = None
+        if _math.needs_lse(spec.variant, spec.need_stats):
+            if n:
+                parts = backend.lse_partials(hidden, weight, bias, ids, spec)
+                lse, entropy = merge_partials(parts.m, parts.s, parts.e)
+                z_sel = parts.z_sel
+            else:
+                lse = hidden.new_empty(0, dtype=torch.float32)
+                entropy = torch.empty_like(lse) if spec.need_stats else None
+        if z_sel is None:
+            z_sel = backend.gather_logits(hidden, weight, bias, ids, spec)
+        loss, g, student_mass, teacher_mass = _math.slot_terms(spec.variant, z_sel, lse, teacher_logprobs, valid)
+        ctx.save_for_backward(hidden, weight, bias, ids, g, lse)
+        ctx.spec, ctx.backend = spec, backend
+        if spec.need_stats:
+            stats = (loss.detach().clone(), student_mass, teacher_mass, entropy)
+        else:
+            stats = tuple(loss.new_empty(0) for _ in range(4))
+        ctx.mark_non_differentiable(*stats)
+        return (loss, *stats)
+
+    @staticmethod
+    def backward(ctx, grad_loss, *_grad_stats):
+        hidden, weight, bias, ids, g, lse = ctx.saved_tensors
+        spec, backend = ctx.spec, ctx.backend
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        need_b = need_b and bias is not None
+        g = g * grad_loss.float().unsqueeze(-1)                           # [N, K], upstream folded in
+        dense = spec.variant not in _math.NO_DENSE and hidden.shape[0] > 0
+        buf = backend.grad_buffers(hidden, weight, bias, need_h, need_w, need_b, dense)
+        if dense:
+            backend.dense_backward(hidden, weight, bias, lse, g.sum(-1).contiguous(), spec, buf)
+        grad_h, grad_w, grad_b = backend.sparse_backward(hidden, weight, ids, (g * spec.inv_tau).contiguous(),
+                                                         spec, buf)
+        return grad_h, grad_w, grad_b, None, None, None, None
+
+
+STAT_NAMES = ("kl", "student_topk_mass", "teacher_topk_mass", "entropy")
+
+
+def student_loss(backend, hidden, weight, bias, ids, teacher_logprobs, spec: StudentLossSpec):
+    """``(loss [N] float32, stats dict or None)`` of one spec on one backend module."""
+    loss, *stats = StudentLossFunction.apply(hidden, weight, bias, ids, teacher_logprobs, spec, backend)
+    return loss, (dict(zip(STAT_NAMES, stats)) if spec.need_stats else None)
