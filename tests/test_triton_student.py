@@ -1,61 +1,44 @@
-"""Triton student-loss kernels (``opd_kernels.triton.student_loss``) against ``reference/``.
+"""The student losses on the Triton primitives (``opd_kernels.triton.backend`` under the one Function of
+``opd_kernels._student``) against ``reference/``: modes, plans, filtering and edge cases. The public-API
+parity matrix on both backends is ``test_student_loss.py``; single primitives are ``test_primitives.py``.
 
 On CPU they run through the Triton interpreter (tests/conftest.py sets TRITON_INTERPRET=1) with small
 tiles; the sizes below cross several row blocks, vocabulary tiles, vocabulary splits, H chunks and
 K blocks, each with a remainder (N = 37 over BN = 16, V = 1007 over BV = 64, H = 90 over BH = 32,
-K = 5 over BK = 4). Outputs are NaN-poisoned by the launchers, so a missed write shows up as NaN (the
-error helpers turn NaN into an infinite error).
+K = 5 over BK = 4). Outputs are NaN-poisoned under tests (OPD_KERNELS_POISON=1, tests/conftest.py), so a
+missed write shows up as NaN (the error helpers turn NaN into an infinite error).
 """
-
-import contextlib
 
 import pytest
 import torch
 
 import opd_kernels as ok
-from opd_kernels.triton import student_loss as SL
+from opd_kernels import _student
+from opd_kernels._spec import StudentLossSpec
+from opd_kernels.api import fold_slots
 from reference import losses as R
-from tests.utils import assert_bf16_close as _assert_bf16_close
-from tests.utils import assert_close as _assert_close
-from tests.utils import grads, leaf_copies, make_problem
+from tests.utils import assert_close, grads, leaf_copies, make_problem
 
 if not ok.triton_available():                                             # pragma: no cover
     pytest.skip("Triton backend unavailable (no CUDA and TRITON_INTERPRET unset)", allow_module_level=True)
 
-VARIANTS = ["unnormalized", "stopgrad", "renorm", "tail", "fkl"]
+from opd_kernels.triton import backend as TB  # noqa: E402
+from opd_kernels.triton import _configs, dense_bwd, lse_sweep  # noqa: E402
+from opd_kernels.triton._configs import overrides  # noqa: E402
+
+VARIANTS = list(R.VARIANTS)
 N, H, V, K = 37, 90, 1007, 5
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
 
 
-def assert_close(name, actual, expected, tol, scale=None):
-    return _assert_close(name, actual.detach().cpu(), expected.detach().cpu(), tol, scale)
-
-
-def assert_bf16_close(name, actual, baseline, truth):
-    return _assert_bf16_close(name, actual.detach().cpu(), baseline.detach().cpu(), truth.detach().cpu())
-
-
-@contextlib.contextmanager
-def overrides(**kw):
-    """Temporarily override kernel configs (``SL._OVERRIDES``), e.g. the target program count."""
-    saved = dict(SL._OVERRIDES)
-    SL._OVERRIDES.update(kw)
-    try:
-        yield
-    finally:
-        SL._OVERRIDES.clear()
-        SL._OVERRIDES.update(saved)
-
-
 def _backend_inputs(prob, ignore_ids=None):
-    """What api.py hands a backend: int64 ids with -1 at invalid slots, float32 log-probs with 0 there."""
-    ids = prob["teacher_ids"].reshape(-1, prob["teacher_ids"].shape[-1]).long()
-    t = prob["teacher_logprobs"].reshape(ids.shape).float()
-    valid = (ids >= 0) & torch.isfinite(t)
-    if ignore_ids is not None:
-        valid &= ~torch.isin(ids, torch.tensor(ignore_ids))
-    return torch.where(valid, ids, -1).to(DEVICE), torch.where(valid, t, 0.0).to(DEVICE)
+    """What api.py hands a backend (``fold_slots``): int64 ids with -1 at invalid slots, float32 log-probs
+    with 0 there."""
+    k = prob["teacher_ids"].shape[-1]
+    ignore = None if ignore_ids is None else torch.tensor(ignore_ids)
+    ids, t, _ = fold_slots(prob["teacher_ids"].reshape(-1, k), prob["teacher_logprobs"].reshape(-1, k), ignore)
+    return ids.to(DEVICE), t.to(DEVICE)
 
 
 def _leaves(prob, dtype):
@@ -68,8 +51,9 @@ def _leaves(prob, dtype):
 
 
 def _run_backend(p, ids, t, variant, temperature, need_stats, upstream, **opts):
-    loss, stats = SL.topk_rkl(p["hidden"], p["weight"], p.get("bias"), ids, t, variant, temperature, need_stats,
-                              **opts)
+    """The one Function on the Triton primitives, with spec fields ``opts`` (deterministic, filter_eps)."""
+    spec = StudentLossSpec(variant=variant, temperature=temperature, need_stats=need_stats, **opts)
+    loss, stats = _student.student_loss(TB, p["hidden"], p["weight"], p.get("bias"), ids, t, spec)
     (loss * upstream.to(loss.device, loss.dtype)).sum().backward()
     return loss, stats, grads(p)
 
@@ -165,36 +149,11 @@ def test_renorm_without_stats_skips_the_sweep(monkeypatch):
     prob = make_problem(n=N, h=H, v=V, k=K, seed=33)
     ids, t = _backend_inputs(prob)
     calls = []
-    monkeypatch.setattr(SL, "logsumexp_sweep", lambda *a, **k: calls.append(1))
-    monkeypatch.setattr(SL, "_dense_backward", lambda *a, **k: calls.append(2))
+    monkeypatch.setattr(lse_sweep, "lse_partials", lambda *a, **k: calls.append(1))
+    monkeypatch.setattr(dense_bwd, "dense_backward", lambda *a, **k: calls.append(2))
     ours = _leaves(prob, torch.float32)
     loss, _, _ = _run_backend(ours, ids, t, "renorm", 0.9, False, torch.ones(N))
     assert calls == [] and torch.isfinite(loss).all()
-
-
-@pytest.mark.parametrize("variant,dtype", [("stopgrad", torch.bfloat16), ("tail", torch.bfloat16),
-                                           ("renorm", torch.bfloat16), ("fkl", torch.bfloat16),
-                                           ("stopgrad", torch.float16), ("fkl", torch.float16)])
-def test_backend_parity_low_precision(variant, dtype, monkeypatch):
-    """bf16/fp16 inputs: fp32 accumulation, gradients in the input dtype, no worse than plain low-precision
-    PyTorch (2× its error + 1e-3) against the float64 truth on the same rounded inputs. grad_W goes through
-    fp32 vocabulary slabs of 3 tiles (6 slabs, the last one short); "tail" runs the deterministic mode."""
-    if not ON_GPU:
-        monkeypatch.setattr(SL, "_SLAB_BYTES", 3 * SL._cfg("bwd", torch.device("cpu"))["BV"] * H * 4)
-    prob = make_problem(n=N, h=H, v=V, k=K, seed=41 + VARIANTS.index(variant))
-    ids, t = _backend_inputs(prob)
-    upstream = torch.randn(N, generator=torch.Generator().manual_seed(42), dtype=torch.float64)
-    ours = _leaves(prob, dtype)
-    with overrides(programs=8):
-        loss, _, g = _run_backend(ours, ids, t, variant, 1.3, False, upstream, deterministic=variant == "tail")
-    truth_p = leaf_copies(leaf_copies(prob, dtype), torch.float64)
-    base_p = leaf_copies(prob, dtype)
-    exp, _, exp_g = _reference(truth_p, variant, 1.3, upstream)
-    base, _, base_g = _reference(base_p, variant, 1.3, upstream, dtype=None)
-    assert_bf16_close("loss", loss.cpu(), base, exp)
-    for key in ("hidden", "weight", "bias"):
-        assert g[key].dtype == dtype
-        assert_bf16_close(f"grad_{key}", g[key].cpu(), base_g[key], exp_g[key])
 
 
 def test_splits_and_tiles_do_not_change_results():
@@ -221,7 +180,8 @@ def test_empty_batch():
     ids = torch.empty(0, K, dtype=torch.long, device=DEVICE)
     t = torch.empty(0, K, dtype=torch.float32, device=DEVICE)
     for variant in ("stopgrad", "renorm"):
-        loss, stats = SL.topk_rkl(h0, ours["weight"], ours["bias"], ids, t, variant, 1.0, True)
+        spec = StudentLossSpec(variant=variant, need_stats=True)
+        loss, stats = _student.student_loss(TB, h0, ours["weight"], ours["bias"], ids, t, spec)
         assert loss.shape == (0,) and all(v.shape == (0,) for v in stats.values())
         loss.sum().backward()
     assert ours["hidden"].grad.shape == (N, H) and (ours["hidden"].grad == 0).all()
@@ -271,7 +231,7 @@ def test_gradient_filtering_below_resolution():
     resolution; a large threshold visibly changes them (the filter really skips, so this can fail)."""
     prob = _peaked_problem(81)
     tiles = dict(BN=16, BV=64)                           # the interpreter's tiles, also on a GPU
-    default = SL.default_filter_eps(torch.float32)
+    default = dense_bwd.default_filter_eps(torch.float32)
     assert _skippable_tile_fraction(prob, default, tiles["BN"], tiles["BV"]) > 0.05
     ids, t = _backend_inputs(prob)
     up = torch.randn(N, generator=torch.Generator().manual_seed(82))
@@ -289,68 +249,4 @@ def test_gradient_filtering_below_resolution():
 
 def test_default_filter_eps_is_far_below_resolution():
     for dtype in (torch.float32, torch.bfloat16, torch.float16):
-        assert 0 < SL.default_filter_eps(dtype) <= torch.finfo(dtype).eps * 2.0 ** -16
-
-
-# ----------------------------------------------------------------------------------------- through the API
-
-@pytest.mark.parametrize("variant,reduction,mask_kind", [("stopgrad", "mean", "bool"), ("tail", "none", "float"),
-                                                         ("renorm", "sum", None), ("fkl", "none", "bool"),
-                                                         ("unnormalized", "mean", "float")])
-def test_api_triton_backend(variant, reduction, mask_kind):
-    """``opd_kernels.topk_rkl_loss(..., backend="triton")``: masks, leading dims, ignore_ids, stats."""
-    prob = make_problem(n=N, h=H, v=V, k=K, lead=(3, 13), seed=91 + VARIANTS.index(variant))
-    g = torch.Generator().manual_seed(92)
-    mask = None
-    if mask_kind == "bool":
-        mask = torch.rand(3, 13, generator=g) > 0.3
-    elif mask_kind == "float":
-        mask = torch.rand(3, 13, generator=g) * 2.0 * (torch.rand(3, 13, generator=g) > 0.2)
-    ignore = [int(prob["teacher_ids"].reshape(-1)[0]), 5]
-    kw = dict(variant=variant, temperature=0.8, ignore_ids=ignore, reduction=reduction, return_stats=True)
-    ours, ref = _leaves(prob, torch.float32), leaf_copies(prob, torch.float64)
-    dev_mask = None if mask is None else mask.to(DEVICE)
-    with ok.options(deterministic=variant == "tail"), overrides(programs=8):
-        out, stats = ok.topk_rkl_loss(ours["hidden"], ours["weight"], prob["teacher_ids"].to(DEVICE),
-                                      prob["teacher_logprobs"].to(DEVICE), dev_mask, bias=ours["bias"],
-                                      backend="triton", **kw)
-    exp, exp_stats = R.topk_rkl_loss(ref["hidden"], ref["weight"], prob["teacher_ids"], prob["teacher_logprobs"],
-                                     mask, bias=ref["bias"], **kw)
-    up = torch.randn(exp.shape, generator=g, dtype=torch.float64)
-    (out * up.to(DEVICE, torch.float32)).sum().backward()
-    (exp * up).sum().backward()
-    per_token = R.topk_rkl_loss(ref["hidden"].detach(), ref["weight"].detach(), prob["teacher_ids"],
-                                prob["teacher_logprobs"], mask, bias=ref["bias"].detach(),
-                                **{**kw, "reduction": "none", "return_stats": False}).abs()
-    scale = None if reduction == "none" else per_token.sum().item()
-    assert_close("loss", out, exp, 1e-5, scale=scale)
-    for key in ("hidden", "weight", "bias"):
-        assert_close(f"grad_{key}", grads(ours)[key], grads(ref)[key], 1e-5)
-    for key in exp_stats:
-        assert stats[key].shape == (3, 13)
-        assert_close(f"stat_{key}", stats[key], exp_stats[key], 1e-5)
-
-
-def test_api_sampled_token_triton_backend():
-    prob = make_problem(n=N, h=H, v=V, k=1, seed=101, empty_slots=False)
-    g = torch.Generator().manual_seed(102)
-    tokens = torch.randint(0, V, (N,), generator=g)
-    tokens[[2, 9]] = -1
-    tlp = torch.randn(N, generator=g, dtype=torch.float64) - 4.0
-    mask = torch.rand(N, generator=g) > 0.25
-    ours, ref = _leaves(prob, torch.float32), leaf_copies(prob, torch.float64)
-    with overrides(programs=8):
-        out, stats = ok.sampled_token_rkl_loss(ours["hidden"], ours["weight"], tokens.to(DEVICE),
-                                               tlp.float().to(DEVICE), mask.to(DEVICE), bias=ours["bias"],
-                                               temperature=1.2, reduction="none", backend="triton",
-                                               return_stats=True)
-    exp, exp_stats = R.sampled_token_rkl_loss(ref["hidden"], ref["weight"], tokens, tlp, mask, bias=ref["bias"],
-                                              temperature=1.2, reduction="none", return_stats=True)
-    up = torch.randn(N, generator=g, dtype=torch.float64)
-    (out * up.to(DEVICE, torch.float32)).sum().backward()
-    (exp * up).sum().backward()
-    assert_close("loss", out, exp, 1e-5)
-    for key in ("hidden", "weight", "bias"):
-        assert_close(f"grad_{key}", grads(ours)[key], grads(ref)[key], 1e-5)
-    for key in exp_stats:
-        assert_close(f"stat_{key}", stats[key], exp_stats[key], 1e-5)
+        assert 0 < dense_bwd.default_filter_eps(dtype) <= torch.finfo(dtype).eps * 2.0 ** -16

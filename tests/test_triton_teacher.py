@@ -1,4 +1,5 @@
-"""Triton teacher top-K (``opd_kernels.triton.teacher_topk``) against the float64 reference.
+"""Triton teacher top-K (``opd_kernels.triton.teacher_topk``) against the float64 reference; token log-probs
+come from the gather family (K = 1).
 
 Runs under TRITON_INTERPRET=1 on CPU (tests/conftest.py); sizes are small but cross several row blocks, vocab
 tiles and splits with remainders.
@@ -12,6 +13,18 @@ from reference import teacher as RT
 from tests.utils import assert_close
 
 TT = pytest.importorskip("opd_kernels.triton.teacher_topk")
+from opd_kernels.triton._configs import overrides  # noqa: E402
+
+#: test-facing launch knobs → the ``teacher`` override of ``opd_kernels.triton._configs``
+_PLAN_KEYS = dict(splits="splits", block_n="BN", block_v="BV", block_h="BH", cand_block="CB", method="method",
+                  tma="TMA")
+
+
+def _topk(hidden, weight, bias, k, temperature, ignore, tokens, **launch):
+    """The launcher under a ``teacher`` plan override (``splits``, ``block_*``, ``cand_block``, ``method``,
+    ``tma``)."""
+    with overrides(teacher={_PLAN_KEYS[key]: value for key, value in launch.items()}):
+        return TT.teacher_topk(hidden, weight, bias, ignore, tokens, k, 1.0 / temperature)
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -59,7 +72,7 @@ def _run_and_check(hidden, weight, bias, k, *, temperature=1.0, ignore=None, tok
     n, v = hidden.shape[0], weight.shape[0]
     tok = torch.randint(0, v, (n,), generator=torch.Generator().manual_seed(k)).to(DEV) if tokens else None
     ign = None if ignore is None else torch.as_tensor(ignore, dtype=torch.long, device=DEV)
-    ids, lp, lse, tlp = TT.teacher_topk(hidden, weight, bias, k, temperature, ign, tok, **launch)
+    ids, lp, lse, tlp = _topk(hidden, weight, bias, k, temperature, ign, tok, **launch)
     z = _ref_logits(hidden.cpu(), weight.cpu(), None if bias is None else bias.cpu(), temperature)
     ref_lse = z.logsumexp(-1)
     _check_ids(ids.cpu(), z, k, ign)
@@ -114,7 +127,7 @@ def test_minus_inf_logits():
     left, reported with log-prob −inf; lse ignores them."""
     hidden, weight, bias = _problem(n=6, h=16, v=150, seed=6)
     bias[10:] = float("-inf")                                # only ids 0..9 are finite, k = 12 > 10
-    ids, lp, lse, _ = TT.teacher_topk(hidden, weight, bias, 12, 1.0, None, None, splits=2, block_v=64)
+    ids, lp, lse, _ = _topk(hidden, weight, bias, 12, 1.0, None, None, splits=2, block_v=64)
     z = _ref_logits(hidden, weight, bias, 1.0)
     assert_close("lse", lse, z.logsumexp(-1), 1e-6)
     assert bool(((ids[:, :10] >= 0) & (ids[:, :10] < 10)).all())
@@ -152,15 +165,14 @@ def test_ties_prefer_lower_id():
     winners = torch.tensor([250, 17, 140, 99], device=DEV)
     weight[winners] = weight[17].clone()                  # identical rows → bitwise identical logits
     bias[winners] = 20.0
-    ids, lp, _, _ = TT.teacher_topk(hidden, weight, bias, 4, 1.0, None, None, splits=3, block_v=64)
+    ids, lp, _, _ = _topk(hidden, weight, bias, 4, 1.0, None, None, splits=3, block_v=64)
     assert bool((ids.cpu() == torch.tensor([17, 99, 140, 250])).all())
     assert bool((lp[:, 0] == lp[:, 3]).all())
 
 
 def test_empty_rows():
     hidden, weight, bias = _problem(n=0, seed=1)
-    ids, lp, lse, tlp = TT.teacher_topk(hidden, weight, bias, 5, 1.0, None,
-                                        torch.zeros(0, dtype=torch.long, device=DEV))
+    ids, lp, lse, tlp = _topk(hidden, weight, bias, 5, 1.0, None, torch.zeros(0, dtype=torch.long, device=DEV))
     assert ids.shape == (0, 5) and lp.shape == (0, 5) and lse.shape == (0,) and tlp.shape == (0,)
 
 
@@ -184,20 +196,23 @@ def test_public_api_leading_dims():
 def test_launcher_rejects_bad_options():
     hidden, weight, bias = _problem(n=4, h=16, v=600, seed=1)
     with pytest.raises(ValueError, match="k"):
-        TT.teacher_topk(hidden, weight, bias, 257, 1.0, None, None)
+        _topk(hidden, weight, bias, 257, 1.0, None, None)
     with pytest.raises(ValueError, match="method"):
-        TT.teacher_topk(hidden, weight, bias, 5, 1.0, None, None, method="heap")
-    with pytest.raises(ValueError, match="cand_block"):
-        TT.teacher_topk(hidden, weight, bias, 5, 1.0, None, None, cand_block=3)
-    with pytest.raises(ValueError, match="block_v"):
-        TT.teacher_topk(hidden, weight, bias, 100, 1.0, None, None, method="bitonic", block_v=64)
+        _topk(hidden, weight, bias, 5, 1.0, None, None, method="heap")
+    with pytest.raises(ValueError, match="candidate block"):
+        _topk(hidden, weight, bias, 5, 1.0, None, None, cand_block=3)
+    with pytest.raises(ValueError, match="BV"):
+        _topk(hidden, weight, bias, 100, 1.0, None, None, method="bitonic", block_v=64)
+    with pytest.raises(TypeError, match="unknown override"):
+        with overrides(teachers={}):
+            pass
 
 
 def test_compile_specs_cover_production_configs():
     for arch in (90, 80):
         specs = TT.compile_specs(4096, arch=arch)
         names = {s.kernel for s in specs}
-        assert {"teacher_sweep_extract_k64", "teacher_sweep_extract_k256", "teacher_token_logit"} <= names
+        assert {"teacher_sweep_extract_k64", "teacher_sweep_extract_k256"} <= names
         for s in specs:
             assert set(s.constexprs) <= set(s.signature)
             assert all(s.signature[c] == "constexpr" for c in s.constexprs)

@@ -6,11 +6,11 @@ import torch
 
 
 def rel_err(actual, expected, scale=None) -> float:
-    """‖actual − expected‖ / max(‖expected‖, scale) in float64 (NaN anywhere → inf).
+    """‖actual − expected‖ / max(‖expected‖, scale) in float64 on CPU (NaN anywhere → inf).
 
     ``scale`` is the conditioning of a reduced value: for a sum of per-token terms of mixed sign, pass the
     sum of their magnitudes (a sum can cancel far below the size of its terms)."""
-    a, e = actual.detach().double(), expected.detach().double()
+    a, e = actual.detach().cpu().double(), expected.detach().cpu().double()
     if a.shape != e.shape:
         raise AssertionError(f"shape {tuple(a.shape)} != expected {tuple(e.shape)}")
     if not torch.isfinite(a).all():
@@ -19,9 +19,27 @@ def rel_err(actual, expected, scale=None) -> float:
     return (a - e).norm().item() / (denom if denom > 0 else 1.0)
 
 
+def worst(actual, expected) -> str:
+    """Where ``actual`` is furthest from ``expected``: the row (first index) and element, both values, and
+    the number of non-finite elements."""
+    a, e = actual.detach().cpu().double(), expected.detach().cpu().double()
+    if a.shape != e.shape or a.numel() == 0:
+        return ""
+    diff = (a - e).abs()
+    bad = ~torch.isfinite(a)
+    diff = torch.where(bad, torch.full_like(diff, float("inf")), diff)
+    flat = int(diff.reshape(-1).argmax())
+    idx = tuple(int(i) for i in torch.unravel_index(torch.tensor(flat), a.shape))
+    where = f"row {idx[0]}" + (f", element {idx}" if a.dim() > 1 else "") if a.dim() else "scalar"
+    out = f"; worst {where}: got {a[idx].item():.6g}, expected {e[idx].item():.6g}"
+    if bool(bad.any()):
+        out += f"; {int(bad.sum())} non-finite element(s) (an unwritten output is NaN)"
+    return out
+
+
 def assert_close(name, actual, expected, tol, scale=None):
     err = rel_err(actual, expected, scale)
-    assert err <= tol, f"{name}: relative error {err:.3e} > {tol:.1e}"
+    assert err <= tol, f"{name}: relative error {err:.3e} > {tol:.1e}{worst(actual, expected)}"
     return err
 
 
@@ -29,7 +47,8 @@ def assert_bf16_close(name, actual, baseline, truth, margin=2.0, floor=1e-3):
     """``actual`` (our low-precision result) may be at most ``margin`` × as far from the float64 ``truth``
     as the plain low-precision PyTorch ``baseline`` is (plus a small floor for near-exact baselines)."""
     err, base = rel_err(actual, truth), rel_err(baseline, truth)
-    assert err <= margin * base + floor, f"{name}: error {err:.3e} vs bf16 baseline {base:.3e}"
+    assert err <= margin * base + floor, \
+        f"{name}: error {err:.3e} vs bf16 baseline {base:.3e}{worst(actual, truth)}"
     return err, base
 
 
