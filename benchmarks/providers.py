@@ -313,7 +313,7 @@ PROVIDERS = [
 
 
 def _ours_unavailable(spec, preset):
-    module = "opd_kernels.triton.teacher_topk" if spec.is_teacher else "opd_kernels.triton.student_loss"
+    module = "opd_kernels.triton.teacher_topk" if spec.is_teacher else "opd_kernels.triton.backend"
     return _triton_unavailable(module)(spec, preset)
 
 

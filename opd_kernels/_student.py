@@ -11,9 +11,10 @@ The plan, written once here for both backends:
                lse, entropy = merge_partials(m, s, e)       the one place where splits / chunks combine
                z_sel = B.gather_logits(h, W, b, ids, spec)  K gathered dot products (if the sweep gave none)
                loss, g, masses = _math.slot_terms(...)      O(N·K), no vocabulary
-    backward:  g ← g · upstream;  buf = B.grad_buffers(...)
-               B.dense_backward(h, W, b, lse, c = Σ_k g, spec, buf)     −c π / τ, recomputing logit tiles
-               grad_h, grad_W, grad_b = B.sparse_backward(h, W, ids, g / τ, spec, buf)
+    backward:  g ← g · upstream
+               grad_h, grad_W, grad_b = B.input_grads(h, W, b, ids, lse | None, g, spec, needs)
+                   dense part −c π / τ (c = Σ_k g; recomputing logit tiles; skipped when lse is None,
+                   the variants without one) + sparse part g / τ at the ids
 
 Backend primitive contracts (``opd_kernels.torch_backend`` is the readable reference of each; tests check
 every primitive against ``reference/primitives.py``):
@@ -23,11 +24,12 @@ every primitive against ``reference/primitives.py``):
   (only when ``spec.need_stats``, else None), and optionally ``z_sel [N,K]`` when the sweep gathers it for
   free (else None).
 - ``gather_logits(hidden, weight, bias, ids, spec) -> z_sel [N,K]`` fp32; any finite value where ids < 0.
-- ``grad_buffers(hidden, weight, bias, need_h, need_w, need_b, dense) -> GradBuffers``: zeroed accumulators.
-- ``dense_backward(hidden, weight, bias, lse [N], c [N], spec, buf)``: adds the dense part ``−c π / τ``.
-- ``sparse_backward(hidden, weight, ids, gs [N,K], spec, buf) -> (grad_h, grad_W, grad_b)``: adds
-  ``gs`` (= g / τ, zero at invalid slots) at the ids and returns the gradients in the input dtypes (None
-  where not needed).
+- ``input_grads(hidden, weight, bias, ids, lse [N] | None, g [N,K], spec, need_h, need_w, need_b) ->
+  (grad_h, grad_W, grad_b)``: the gradient ``dz = (Σ_k g_nk [j = id_nk] − c_n π_nj) / τ`` pushed through
+  the LM head (``grad_h = dz W``, ``grad_W = dzᵀ h``, ``grad_b = Σ_n dz``) in the input dtypes, None where
+  not needed; ``g`` is zero at invalid slots; ``lse`` None means no dense part. The torch backend composes
+  it from ``dense_backward`` and ``sparse_backward`` (each tested against ``reference/primitives.py``); the
+  Triton backend builds ``dz`` blocks with the sparse part folded in (``triton/blocked_bwd.py``).
 
 Inputs come validated and flattened from ``api.py``: ``ids`` int64 with -1 at invalid slots,
 ``teacher_logprobs`` float32 with 0.0 there. Stats are outputs of the Function (non-differentiable).
@@ -83,13 +85,10 @@ class StudentLossFunction(torch.autograd.Function):
         spec, backend = ctx.spec, ctx.backend
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         need_b = need_b and bias is not None
-        g = g * grad_loss.float().unsqueeze(-1)                           # [N, K], upstream folded in
+        g = (g * grad_loss.float().unsqueeze(-1)).contiguous()            # [N, K], upstream folded in
         dense = spec.variant not in _math.NO_DENSE and hidden.shape[0] > 0
-        buf = backend.grad_buffers(hidden, weight, bias, need_h, need_w, need_b, dense)
-        if dense:
-            backend.dense_backward(hidden, weight, bias, lse, g.sum(-1).contiguous(), spec, buf)
-        grad_h, grad_w, grad_b = backend.sparse_backward(hidden, weight, ids, (g * spec.inv_tau).contiguous(),
-                                                         spec, buf)
+        grad_h, grad_w, grad_b = backend.input_grads(hidden, weight, bias, ids, lse if dense else None, g, spec,
+                                                     need_h, need_w, need_b)
         return grad_h, grad_w, grad_b, None, None, None, None
 
 

@@ -140,6 +140,14 @@ def sparse_backward(hidden, weight, ids, gs, spec, buf: GradBuffers):
 
 # ----------------------------------------------------------------------------------------------- teacher
 
+def input_grads(hidden, weight, bias, ids, lse, g, spec, need_h, need_w, need_b):
+    """The backward primitive: fp32 buffers, the dense part when ``lse`` is given, then the sparse part."""
+    buf = grad_buffers(hidden, weight, bias, need_h, need_w, need_b, dense=lse is not None)
+    if lse is not None:
+        dense_backward(hidden, weight, bias, lse, g.sum(-1), spec, buf)
+    return sparse_backward(hidden, weight, ids, g * spec.inv_tau, spec, buf)
+
+
 def teacher_topk(hidden, weight, bias, ignore_ids, token_ids, spec):
     """Chunked teacher top-k: per chunk of rows, logits → lse and top-k (ignored ids never selected)."""
     n, vocab = hidden.shape[0], weight.shape[0]

@@ -16,7 +16,7 @@ import opd_kernels
 from opd_kernels._math import merge_partials
 from opd_kernels._spec import StudentLossSpec
 from reference import primitives as P
-from tests.utils import assert_close, make_problem
+from tests.utils import assert_close, make_problem, rel_err
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 N, H, V, K = 37, 90, 1007, 5
@@ -120,9 +120,9 @@ def test_merge_partials(splits):
 
 # ---------------------------------------------------------------------------------------------- backward
 
-@pytest.mark.parametrize("name,deterministic", [_case("torch", False), _case("triton", False),
-                                                _case("triton", True, id="triton-deterministic")])
+@pytest.mark.parametrize("name,deterministic", [_case("torch", False)])
 def test_dense_backward(name, deterministic):
+    """The torch backend's dense step (the readable reference of the dense half of ``input_grads``)."""
     backend = _load(name)
     h, w, b, ids = _problem(seed=401 + deterministic)
     tau = 0.7
@@ -160,8 +160,9 @@ def _sparse_inputs(seed, ids_shape, device):
 @pytest.mark.parametrize("mode", [pytest.param("fp32", id="fp32"),
                                   pytest.param("fp32-on-dense", id="fp32-on-dense-buffers"),
                                   pytest.param("bf16", id="bf16")])
-@pytest.mark.parametrize("name", BACKENDS)
+@pytest.mark.parametrize("name", [_case("torch")])
 def test_sparse_backward(name, mode):
+    """The torch backend's sparse step (the readable reference of the sparse half of ``input_grads``)."""
     backend = _load(name)
     dtype = torch.bfloat16 if mode == "bf16" else torch.float32
     h, w, b, _ = _problem(seed=500 + len(mode), dtype=dtype)
@@ -183,3 +184,53 @@ def test_sparse_backward(name, mode):
         assert got[key].dtype == want_dtype, f"{key}: dtype {got[key].dtype} != {want_dtype}"
         assert got[key].shape == ref[key].shape, key
         assert_close(key, got[key], ref[key], 1e-2 if dtype == torch.bfloat16 else TOL)
+
+
+def _bf16_baseline(h, w, b, lse, c, ids, gs, tau):
+    """What plain bf16 PyTorch computes: dz in fp32, rounded to bf16, bf16 matmuls (fp32 accumulation)."""
+    z = (h.float() @ w.float().T + b.float()) / tau
+    dz = torch.exp(z - lse[:, None]) * (-c / tau)[:, None] if lse is not None else torch.zeros_like(z)
+    dz.scatter_add_(1, ids.clamp_min(0), gs)
+    dz16 = dz.to(h.dtype)
+    return dz16 @ w, dz16.T @ h, dz.sum(0).to(h.dtype)
+
+
+@pytest.mark.parametrize("dtype", [pytest.param(torch.float32, id="fp32"), pytest.param(torch.bfloat16, id="bf16")])
+@pytest.mark.parametrize("dense", [pytest.param(True, id="dense"), pytest.param(False, id="sparse_only")])
+@pytest.mark.parametrize("name", BACKENDS)
+def test_input_grads(name, dense, dtype):
+    """The backward primitive: dense part (from the given, not necessarily normalised, lse) + the sparse part
+    at ids with duplicates within and across rows and a row without slots, against float64
+    ``P.dense_grads + P.sparse_grads``; fp32 rel ≤ 1e-5, bf16 no worse than 2× plain bf16 PyTorch + 1e-3.
+    Triton: 3 row chunks × 4 vocabulary blocks (grad_W accumulated across chunks)."""
+    backend = _load(name)
+    tau = 0.7
+    h, w, b, _ = _problem(seed=600 + dense + 2 * (dtype == torch.bfloat16), dtype=dtype)
+    ids, gs = _sparse_inputs(610 + dense, (N, K), DEV)
+    ids = torch.where(ids >= 0, (ids * 97 + 13) % V, ids)        # spread the small id pool over the vocabulary
+    ids[0, 0], ids[1, 2] = 0, V - 1
+    g = gs * tau
+    c = g.sum(-1)
+    lse = None
+    if dense:
+        lse = P.lse_and_entropy(h, w, b, tau)[0].float()
+        lse[::5] += 0.5
+    spec = StudentLossSpec("stopgrad", temperature=tau)
+    elem = torch.finfo(dtype).bits // 8
+    with _overrides(name, gh_chunk_bytes=16 * H * 4, dz_block_bytes=16 * 256 * elem):
+        grad_h, grad_w, grad_b = backend.input_grads(h, w, b, ids, lse, g, spec, True, True, True)
+    ref = [x.clone() for x in P.sparse_grads(h, w, ids, gs)]
+    if dense:
+        for acc, part in zip(ref, P.dense_grads(h, w, b, lse, c, tau)):
+            acc += part
+    got = dict(grad_h=grad_h, grad_W=grad_w, grad_b=grad_b)
+    base = dict(zip(got, _bf16_baseline(h, w, b, lse, c, ids, gs, tau))) if dtype == torch.bfloat16 else None
+    for (key, x), r in zip(got.items(), ref):
+        assert x.dtype == dtype and x.shape == r.shape, (key, x.dtype, x.shape)
+        if base is None:
+            assert_close(key, x, r, TOL)
+        else:
+            err = rel_err(x, r)
+            bound = 2 * rel_err(base[key], r) + 1e-3
+            assert err <= bound, f"{key}: bf16 rel error {err:.3g} > 2 × plain bf16 PyTorch + 1e-3 = {bound:.3g}"
+

@@ -14,7 +14,7 @@ from opd_kernels import compile_check  # noqa: E402
 from opd_kernels.triton import _common, _compile, _configs  # noqa: E402
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FAMILIES = {"gather", "lse_sweep", "dense_bwd", "sparse_bwd", "teacher_topk"}
+FAMILIES = {"gather", "lse_sweep", "blocked_bwd", "sparse_bwd", "teacher_topk"}
 
 
 def test_compile_check_discovers_every_kernel_family():
@@ -27,7 +27,11 @@ def test_compile_check_discovers_every_kernel_family():
 def test_compile_signatures_follow_the_kernels(arch):
     """Every spec's signature is derived from its kernel's parameters, in order, with every constexpr set."""
     specs = compile_check.collect_specs([4096], arch)
-    assert len(specs) == 27               # 12 dense bwd, 6 sweep, gather, 2 sparse, 6 teacher
+    names = [spec.kernel for spec in specs]
+    assert len(names) == len(set(names)), "duplicate compile spec names"
+    families = {spec.fn.fn.__module__.rsplit(".", 1)[1] if hasattr(spec.fn, "fn") else spec.fn.__module__
+                for spec in specs}
+    assert {f.rsplit(".", 1)[-1] for f in families} == FAMILIES, "every family compiles at least one kernel"
     for spec in specs:
         sig = spec.signature
         params = _compile.kernel_params(spec.fn)
@@ -69,17 +73,17 @@ def test_derive_signature_rules_and_errors(tmp_path):
 
 def test_one_override_mechanism_for_both_families():
     cpu = torch.device("cpu")
-    base = _configs.student_tiles("bwd", cpu)
-    with _configs.overrides(bwd=dict(BV=32), teacher=dict(BN=16, method="bitonic", splits=3), programs=5,
-                            slab_bytes=1234):
-        assert _configs.student_tiles("bwd", cpu)["BV"] == 32
-        assert _configs.target_programs(cpu) == 5 and _configs.limit("slab_bytes") == 1234
+    base = _configs.student_tiles("dz", cpu)
+    with _configs.overrides(dz=dict(BV=32), teacher=dict(BN=16, method="bitonic", splits=3), programs=5,
+                            dz_block_bytes=1234):
+        assert _configs.student_tiles("dz", cpu)["BV"] == 32
+        assert _configs.target_programs(cpu) == 5 and _configs.limit("dz_block_bytes") == 1234
         plan = _configs.teacher_tiles(8, cpu)
         assert (plan["BN"], plan["method"], plan["splits"]) == (16, "bitonic", 3)
         with _configs.overrides(programs=2):                     # nested scopes merge and restore
-            assert _configs.target_programs(cpu) == 2 and _configs.student_tiles("bwd", cpu)["BV"] == 32
+            assert _configs.target_programs(cpu) == 2 and _configs.student_tiles("dz", cpu)["BV"] == 32
         assert _configs.target_programs(cpu) == 5
-    assert _configs.student_tiles("bwd", cpu) == base
+    assert _configs.student_tiles("dz", cpu) == base
     assert _configs.teacher_tiles(8, cpu)["method"] == "extract"
     with pytest.raises(TypeError, match="unknown override"):
         with _configs.overrides(bogus=1):

@@ -3,7 +3,8 @@
 Every test takes the ``backend`` fixture (tests/conftest.py): ``"torch"`` (chunked PyTorch) and ``"triton"``
 (fused kernels; the interpreter on CPU, with small tiles). Sizes cross several row chunks / row blocks,
 vocabulary tiles and splits, each with a remainder (N = 37, V = 1007, H = 48). On Triton the plan is forced
-to several vocabulary splits (``programs=8``) and, for 16-bit weights, several grad_W slabs.
+to several vocabulary splits (``programs=8``) and, where a test asks, a blocked backward of several row
+chunks and vocabulary blocks (grad_W accumulated across chunks in the weight dtype).
 """
 
 import contextlib
@@ -51,17 +52,18 @@ def _run(fn, p, **kw):
 
 
 @contextlib.contextmanager
-def _plan(backend, *, chunk_size=None, deterministic=False, slab_tiles=None, hidden_size=48):
-    """Options / launch plan that make each backend cross its internal boundaries at test sizes."""
+def _plan(backend, *, chunk_size=None, deterministic=False, blocks=None, hidden_size=48):
+    """Options / launch plan that make each backend cross its internal boundaries at test sizes. ``blocks``
+    = (rows, vocabulary columns, element bytes) of the Triton blocked backward's chunks."""
     with ok.options(chunk_size=chunk_size, deterministic=deterministic):
         if backend != "triton":
             yield
             return
         from opd_kernels.triton import _configs
         extra = {}
-        if slab_tiles is not None:
-            extra["slab_bytes"] = slab_tiles * _configs.student_tiles("bwd", torch.device("cpu"))["BV"] \
-                * hidden_size * 4
+        if blocks is not None:
+            rows, cols, elem = blocks
+            extra.update(gh_chunk_bytes=rows * hidden_size * 4, dz_block_bytes=rows * cols * elem)
         with _configs.overrides(programs=8, **extra):
             yield
 
@@ -75,7 +77,7 @@ def _compare_fp32(backend, device, variant, reduction, mask_kind, *, lead=None, 
     ignore_ids = [int(prob["teacher_ids"].reshape(-1)[0]), 5] if ignore else None
     kw = dict(variant=variant, temperature=temperature, ignore_ids=ignore_ids, reduction=reduction)
     ours, ref = _on_device(leaf_copies(prob, torch.float32), device), leaf_copies(prob, torch.float64)
-    with _plan(backend, chunk_size=chunk_size, deterministic=deterministic):
+    with _plan(backend, chunk_size=chunk_size, deterministic=deterministic, blocks=(16, 256, 4)):
         out = _run(ok.topk_rkl_loss, ours, backend=backend, mask=_to(mask, device), **kw)
     expected = _run(R.topk_rkl_loss, ref, mask=mask, **kw)
     upstream = torch.randn_like(expected) if reduction == "none" else torch.ones_like(expected)
@@ -112,15 +114,15 @@ def test_parity_options(backend, device, variant):
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_parity_low_precision(backend, device, variant, dtype):
     """16-bit inputs: no worse than plain low-precision PyTorch (2× its error + 1e-3) against the float64
-    truth on the same rounded inputs, per token with a random upstream gradient. Triton: grad_W through fp32
-    slabs of 3 vocabulary tiles (6 slabs, the last one short)."""
+    truth on the same rounded inputs, per token with a random upstream gradient. Triton: a blocked backward
+    of 3 row chunks × 6 vocabulary blocks (the last ones short), grad_W rounded to 16 bits per chunk."""
     prob = make_problem(n=41, v=1003, k=6, seed=11)
     mask = _mask("bool", (41,))
     kw = dict(variant=variant, temperature=1.3, ignore_ids=[7], reduction="none")
     upstream = torch.randn(41, generator=torch.Generator().manual_seed(12), dtype=torch.float64)
     ours, base = _on_device(leaf_copies(prob, dtype), device), leaf_copies(prob, dtype)
     truth = leaf_copies(leaf_copies(prob, dtype), torch.float64)   # exact math on the rounded inputs
-    with _plan(backend, chunk_size=16, slab_tiles=3, deterministic=variant == "tail"):
+    with _plan(backend, chunk_size=16, blocks=(16, 192, 2), deterministic=variant == "tail"):
         out = _run(ok.topk_rkl_loss, ours, backend=backend, mask=_to(mask, device), **kw)
     ref = _run(R.topk_rkl_loss, truth, mask=mask, **kw)
     baseline = _run(R.topk_rkl_loss, base, compute_dtype=None, mask=mask, **kw)      # plain low-precision PyTorch
@@ -235,8 +237,7 @@ def test_one_function_for_both_backends():
     """Both backends implement the same primitive set; neither defines its own autograd Function."""
     pytest.importorskip("triton")
     from opd_kernels.triton import backend as triton_backend
-    primitives = ("lse_partials", "gather_logits", "grad_buffers", "dense_backward", "sparse_backward",
-                  "teacher_topk")
+    primitives = ("lse_partials", "gather_logits", "input_grads", "teacher_topk")
     for impl in (torch_backend, triton_backend):
         assert all(callable(getattr(impl, name, None)) for name in primitives), impl.__name__
         assert not any(isinstance(v, type) and issubclass(v, torch.autograd.Function) for v in vars(impl).values())

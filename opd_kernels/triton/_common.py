@@ -10,7 +10,7 @@ Naming (all family files follow it):
 - kernel parameters grouped: pointers / sizes / scalars / launch plan (filled in by the launcher) /
   constexpr feature flags / tiles.
 
-Each family file (``gather.py``, ``lse_sweep.py``, ``dense_bwd.py``, ``sparse_bwd.py``, ``teacher_topk.py``)
+Each family file (``gather.py``, ``lse_sweep.py``, ``blocked_bwd.py``, ``sparse_bwd.py``, ``teacher_topk.py``)
 holds its ``@triton.jit`` kernels, the launcher that is their only caller, and ``compile_specs()`` for
 ``python -m opd_kernels.compile_check``. Tile tables live in ``_configs.py``.
 """
@@ -111,16 +111,6 @@ def logit_tile(h_ptr, w_ptr, b_ptr, offs_n, mask_n, offs_v, mask_v, H, inv_tau,
     if HAS_BIAS:
         acc += tl.load(b_ptr + offs_v, mask=mask_v, other=0.0).to(tl.float32)[None, :]
     return acc * inv_tau
-
-
-@triton.jit
-def accumulate(ptrs, values, mask, ATOMIC: tl.constexpr):
-    """``*ptrs += values``: fp32 atomics when other programs add to the same elements, else a plain
-    read-modify-write (the program owns them; fixed order, deterministic)."""
-    if ATOMIC:
-        tl.atomic_add(ptrs, values, mask=mask)
-    else:
-        tl.store(ptrs, tl.load(ptrs, mask=mask, other=0.0) + values, mask=mask)
 
 
 def cdiv(a: int, b: int) -> int:

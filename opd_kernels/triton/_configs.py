@@ -4,7 +4,7 @@ Production rows are fixed (no autotuning by default, as in cut-cross-entropy). E
 from; none has been timed on a GPU yet. Interpreter runs (CPU, ``TRITON_INTERPRET=1``) use small tiles so
 that small test problems still cross several tiles, blocks and splits.
 
-    with overrides(bwd=dict(BV=32), programs=8, slab_bytes=3 * 64 * 90 * 4, teacher=dict(method="bitonic")):
+    with overrides(dz=dict(BV=32), programs=8, dz_block_bytes=16 * 256 * 4, teacher=dict(method="bitonic")):
         ...     # every launcher in the block sees these tiles / plan limits
 """
 
@@ -20,43 +20,76 @@ from ._common import arch_family, device_info, dot_precision, interpreting
 
 #: Per architecture family (90: Hopper, 80: Ampere/Ada), 16-bit inputs.
 #: sm_90/sm_80 bf16: compile-checked 0 spills, HGMMA/HMMA in fwd/bwd; speed unmeasured.
+#: ``fwd`` (``lse_sweep``): sm_90 128×256 logit tiles through TMA descriptors, 4 stages (triton 3.6: 221 / 248
+#: registers without / with entropy, 192 KiB shared, HGMMA 64x256x16, 1 CTA/SM); sm_80 128×128 through
+#: pointers (255 registers, 64 KiB, HMMA; 128×256 spills there).
 STUDENT = {
     90: dict(
-        fwd=dict(BN=128, BV=128, BH=64, num_warps=8, num_stages=3),
-        bwd=dict(BN=128, BV=128, BH=64, BHG=32, num_warps=8, num_stages=3),
+        fwd=dict(BN=128, BV=256, BH=64, num_warps=8, num_stages=4, TMA=True),
         gather=dict(BK=32, BH=128, num_warps=4, num_stages=2),
         sparse=dict(BK=32, BH=128, num_warps=4, num_stages=2),
         segments=dict(BE=16, BH=256, num_warps=4, num_stages=2),
+        dz=dict(BN=128, BV=128, BH=64, BK=16, GROUP=8, num_warps=8, num_stages=3),
+        gemm_dh=dict(BM=128, BN=128, BK=64, GROUP=8, num_warps=8, num_stages=3),
+        gemm_dw=dict(BM=128, BN=128, BK=64, GROUP=8, num_warps=8, num_stages=3),
     ),
     80: dict(
-        fwd=dict(BN=128, BV=128, BH=64, num_warps=8, num_stages=3),
-        bwd=dict(BN=128, BV=128, BH=64, BHG=16, num_warps=8, num_stages=2),
+        fwd=dict(BN=128, BV=128, BH=64, num_warps=8, num_stages=3, TMA=False),
         gather=dict(BK=32, BH=128, num_warps=4, num_stages=2),
         sparse=dict(BK=32, BH=128, num_warps=4, num_stages=2),
         segments=dict(BE=16, BH=256, num_warps=4, num_stages=2),
+        dz=dict(BN=128, BV=128, BH=64, BK=16, GROUP=8, num_warps=8, num_stages=3),
+        gemm_dh=dict(BM=128, BN=128, BK=32, GROUP=8, num_warps=8, num_stages=3),
+        gemm_dw=dict(BM=128, BN=128, BK=32, GROUP=8, num_warps=8, num_stages=3),
     ),
 }
-#: fp32 inputs replace the fwd/bwd tiles (fp32 operands take twice the registers and shared memory):
-#: (arch family, dot precision) → tiles. "ieee" = full-precision fp32 dots (FMA), "tf32" = tensor cores.
-#: compile-checked 0 spills; speed unmeasured.
-STUDENT_FP32 = {
-    (90, "ieee"): dict(BN=128, BV=64, BH=32, BHG=16, num_warps=8, num_stages=2),
-    (80, "ieee"): dict(BN=64, BV=64, BH=16, BHG=32, num_warps=8, num_stages=2),
-    (90, "tf32"): dict(BN=64, BV=64, BH=32, BHG=32, num_warps=8, num_stages=2),
-    (80, "tf32"): dict(BN=64, BV=64, BH=32, BHG=32, num_warps=8, num_stages=2),
+#: fp32 inputs of the forward sweep (``fwd``, replacing its row above): (arch family, dot precision) → tiles.
+#: TF32 on sm_90: 128×256 through TMA as for bf16 (BH = 32: 128-byte rows; triton 3.6: 174 / 181 registers,
+#: 192 KiB shared, HGMMA). Full-precision fp32 ("ieee") dots run on FMA units from registers: pointer loads
+#: (descriptor loads spill there) and 128×64 tiles (sm_90: 128 / 146 registers). Compile-checked 0 spills.
+STUDENT_FWD_FP32 = {
+    (90, "ieee"): dict(BN=128, BV=64, BH=32, num_warps=8, num_stages=2, TMA=False),
+    (80, "ieee"): dict(BN=64, BV=64, BH=16, num_warps=8, num_stages=2, TMA=False),
+    (90, "tf32"): dict(BN=128, BV=256, BH=32, num_warps=8, num_stages=4, TMA=True),
+    (80, "tf32"): dict(BN=64, BV=64, BH=32, num_warps=8, num_stages=2, TMA=False),
 }
+#: CTAs per SM of the compiled forward sweep at the production tiles above, per (arch family, input class,
+#: entropy accumulator): input class ``bf16`` (16-bit inputs), ``fp32`` (full-precision dots) or ``tf32``.
+#: Filled from ``python -m opd_kernels.compile_check --kernel student_fwd_sweep`` (triton 3.6: registers,
+#: shared memory and warps → resident CTAs; sm_80 family at sm_80's 164 KiB); tests/test_fwd_plan.py checks
+#: it against a fresh build. The split rule sizes its waves with it (``fwd_plan``).
+FWD_CTAS_PER_SM = {
+    (90, "bf16", False): 1, (90, "bf16", True): 1,
+    (90, "fp32", False): 2, (90, "fp32", True): 1,
+    (90, "tf32", False): 1, (90, "tf32", True): 1,
+    (80, "bf16", False): 1, (80, "bf16", True): 1,
+    (80, "fp32", False): 2, (80, "fp32", True): 2,
+    (80, "tf32", False): 2, (80, "tf32", True): 2,
+}
+#: Row blocks the forward sweep keeps live at once (split index fastest): their hidden blocks (1 MiB each at
+#: BN = 128, H = 4096, bf16) are re-read once per vocabulary tile and must stay in L2.
+FWD_LIVE_ROW_BLOCKS = 16
+#: fp32 inputs of the blocked backward (``blocked_bwd``): smaller tiles for the doubled operand size.
+BLOCKED_FP32 = dict(
+    dz=dict(BN=64, BV=64, BH=32, BK=16, GROUP=8, num_warps=8, num_stages=2),
+    gemm_dh=dict(BM=64, BN=64, BK=32, GROUP=8, num_warps=4, num_stages=2),
+    gemm_dw=dict(BM=64, BN=64, BK=32, GROUP=8, num_warps=4, num_stages=2),
+)
 #: Interpreter tiles: many small tiles (test sizes N = 37, V = 1007, H = 90 leave remainders everywhere).
 STUDENT_INTERP = dict(
-    fwd=dict(BN=16, BV=64, BH=32, num_warps=4, num_stages=1),
-    bwd=dict(BN=16, BV=64, BH=32, BHG=16, num_warps=4, num_stages=1),
+    fwd=dict(BN=16, BV=64, BH=32, num_warps=4, num_stages=1, TMA=True),      # descriptors when H is aligned
     gather=dict(BK=4, BH=32, num_warps=4, num_stages=1),
     sparse=dict(BK=4, BH=32, num_warps=4, num_stages=1),
     segments=dict(BE=4, BH=32, num_warps=4, num_stages=1),
+    dz=dict(BN=16, BV=64, BH=32, BK=4, GROUP=2, num_warps=4, num_stages=1),
+    gemm_dh=dict(BM=16, BN=32, BK=32, GROUP=2, num_warps=4, num_stages=1),
+    gemm_dw=dict(BM=32, BN=32, BK=16, GROUP=2, num_warps=4, num_stages=1),
 )
 
-#: Plan limits (overridable): fp32 accumulator of one grad_W vocabulary slab (16-bit weights; at H = 4096
-#: that is 4096 rows), and the deterministic mode's per-split grad_h buffers.
-LIMITS = dict(slab_bytes=64 * 2**20, det_split_bytes=64 * 2**20)
+#: Plan limits of the blocked backward (overridable): the ``dz`` block in the input dtype and the fp32 grad_h
+#: row chunk (at H = 4096, bf16: 1920 rows × 8192 vocabulary columns). 2 × 30 MiB leaves 4 MiB of the
+#: 64 MiB budget for the O(N) vectors, tile flags and live lists (issue 9: extra ≤ N·K·16 B + 64 MiB).
+LIMITS = dict(dz_block_bytes=30 * 2**20, gh_chunk_bytes=30 * 2**20)
 
 _OVERRIDES: dict = {}
 
@@ -64,9 +97,10 @@ _OVERRIDES: dict = {}
 @contextlib.contextmanager
 def overrides(**kw):
     """Temporarily override tiles and plan limits for every launcher (tests, tuning). Keys: student kernel
-    names (``fwd``, ``bwd``, ``gather``, ``sparse``, ``segments``) → dict of tiles; ``teacher`` → dict of
-    tiles and ``method`` / ``splits``; ``programs`` → target program count of the student splits;
-    ``slab_bytes`` / ``det_split_bytes`` → plan limits. Nested scopes merge; each restores on exit."""
+    names (``fwd``, ``gather``, ``sparse``, ``segments``, ``dz``, ``gemm_dh``, ``gemm_dw``) → dict of tiles;
+    ``teacher`` → dict of tiles and ``method`` / ``splits``; ``programs`` → resident programs the forward
+    sweep's split rule plans for; ``dz_block_bytes`` / ``gh_chunk_bytes`` → plan limits. Nested scopes merge; each
+    restores on exit."""
     unknown = set(kw) - (set(STUDENT_INTERP) | {"teacher", "programs"} | set(LIMITS))
     if unknown:
         raise TypeError(f"unknown override(s) {sorted(unknown)}")
@@ -87,11 +121,10 @@ def student_prod_tiles(kernel: str, arch: int, dtype=torch.bfloat16, allow_tf32=
     """Production tiles of one student kernel for compute capability ``arch`` and input ``dtype``."""
     family = arch_family(arch)
     tiles = dict(STUDENT[family][kernel])
-    if dtype == torch.float32 and kernel in ("fwd", "bwd"):
-        fp32 = dict(STUDENT_FP32[(family, dot_precision(dtype, allow_tf32))])
-        if kernel == "fwd":
-            fp32.pop("BHG")
-        tiles.update(fp32)
+    if dtype == torch.float32 and kernel in BLOCKED_FP32:
+        tiles.update(BLOCKED_FP32[kernel])
+    if dtype == torch.float32 and kernel == "fwd":
+        tiles.update(STUDENT_FWD_FP32[(family, dot_precision(dtype, allow_tf32))])
     return tiles
 
 
@@ -105,56 +138,105 @@ def student_tiles(kernel: str, device: torch.device, dtype=torch.bfloat16) -> di
     return tiles
 
 
-def target_programs(device: torch.device) -> int:
-    """Programs the student sweeps aim for: 2 per SM (8 in the interpreter), or the ``programs`` override."""
+def target_programs(device: torch.device, ctas_per_sm: int = 1) -> int:
+    """Programs resident at once: SMs × ``ctas_per_sm`` (the compiled kernel's occupancy, e.g.
+    ``fwd_ctas_per_sm``), 8 in the interpreter, or the ``programs`` override."""
     if "programs" in _OVERRIDES:
         return int(_OVERRIDES["programs"])
-    return 8 if interpreting(device) else 2 * device_info(device)[1]
+    return 8 if interpreting(device) else ctas_per_sm * device_info(device)[1]
 
 
-def student_splits(n_row_blocks: int, n_tiles: int, device: torch.device) -> tuple[int, int]:
-    """(tiles per split, splits) so that row blocks × splits ≈ the target program count; every split
+def fwd_class(dtype, allow_tf32=None) -> str:
+    """Input class of the forward tables: ``bf16`` (16-bit inputs), ``fp32`` (full-precision dots), ``tf32``."""
+    if dtype != torch.float32:
+        return "bf16"
+    return "tf32" if dot_precision(dtype, allow_tf32) == "tf32" else "fp32"
+
+
+def fwd_ctas_per_sm(arch: int, dtype=torch.bfloat16, allow_tf32=None, need_entropy: bool = False) -> int:
+    """CTAs per SM of the compiled forward sweep at its production tiles (``FWD_CTAS_PER_SM``)."""
+    return FWD_CTAS_PER_SM[(arch_family(arch), fwd_class(dtype, allow_tf32), bool(need_entropy))]
+
+
+def sweep_splits(n_row_blocks: int, n_tiles: int, slots: int,
+                 live_row_blocks: int = FWD_LIVE_ROW_BLOCKS) -> tuple[int, int]:
+    """(tiles per split, splits) of the forward sweep, split index fastest, ``slots`` programs resident.
+
+    At least ``⌈slots / (live_row_blocks − 1)⌉`` splits (the resident programs then span ≤ live_row_blocks
+    row blocks) and ``⌈slots / row blocks⌉`` (the grid fills the machine), both capped at the tile count;
+    among the even splittings of up to twice that many (each still at least that many), the one with the best
+    wave efficiency ``row blocks · tiles / (waves · slots · tiles per split)`` (waves of ``slots`` equal
+    programs; the padded last split counts as work), the fewest splits on ties (within 1 %). Every split
     holds at least one tile."""
-    want = max(1, min(n_tiles, -(-target_programs(device) // max(n_row_blocks, 1))))
-    per = -(-n_tiles // want)
-    return per, -(-n_tiles // per)
+    n_row_blocks, slots = max(1, n_row_blocks), max(1, slots)
+    lo = max(-(-slots // max(1, live_row_blocks - 1)), -(-slots // n_row_blocks))
+    lo = max(1, min(n_tiles, lo))
+    best, best_eff = None, -1.0
+    for want in range(lo, max(lo, min(n_tiles, 2 * lo)) + 1):
+        per = -(-n_tiles // want)
+        splits = -(-n_tiles // per)
+        if splits < lo:                                   # evening out dropped below the minimum
+            continue
+        waves = -(-(n_row_blocks * splits) // slots)
+        eff = n_row_blocks * n_tiles / (waves * slots * per)
+        if eff > best_eff + 0.01:
+            best, best_eff = (per, splits), eff
+    return best
+
+
+def fwd_plan(n: int, vocab: int, device: torch.device, dtype=torch.bfloat16, need_entropy: bool = False) -> dict:
+    """Launch plan of the forward sweep on ``device``: ``tiles`` (with overrides), ``row_blocks``, ``n_tiles``,
+    ``ctas_per_sm`` (compiled occupancy; the interpreter's is nominal), ``slots`` (resident programs: SMs ×
+    CTAs/SM, 8 in the interpreter, or the ``programs`` override), ``splits`` and ``tiles_per_split``."""
+    tiles = student_tiles("fwd", device, dtype)
+    row_blocks = -(-n // tiles["BN"])
+    n_tiles = -(-vocab // tiles["BV"])
+    ctas = fwd_ctas_per_sm(device_info(device)[0], dtype, None, need_entropy)
+    slots = target_programs(device, ctas)
+    per, splits = sweep_splits(row_blocks, n_tiles, slots)
+    return dict(tiles=tiles, row_blocks=row_blocks, n_tiles=n_tiles, ctas_per_sm=ctas, slots=slots,
+                splits=splits, tiles_per_split=per)
 
 
 # ------------------------------------------------------------------------------------------ teacher tiles
 
-def teacher_prod_tiles(kp: int, method: str, arch: int) -> dict:
-    """Teacher sweep tiles for ``KP = next_pow2(k)``; compile-checked free of spills on sm_90 and sm_80 for
-    ``extract`` at every k and ``bitonic`` up to k = 128 (it spills beyond; not the default). ``extract``
-    has no constraint between BV and KP; ``bitonic`` holds the tile's int64 keys and needs BV ≥ KP. On sm_90
-    the tiles load through tensor descriptors (TMA), which frees the address registers. Speed unmeasured."""
-    tma = arch >= 90
-    if method == "extract":
-        bn = 64 if arch >= 90 or kp <= 64 else 32
-        return dict(BN=bn, BV=128, BH=64, CB=min(kp, 8), num_warps=8, num_stages=3, TMA=tma)
-    cb = 0 if kp < 16 or kp > 128 else min(kp // 4, 8)
-    if kp > 128:
-        return dict(BN=64, BV=256, BH=64, CB=cb, num_warps=16, num_stages=3, TMA=tma)   # spills
-    if arch >= 90:
-        return dict(BN=64, BV=128, BH=64, CB=cb, num_warps=8, num_stages=3, TMA=tma)
-    if kp <= 64:
-        return dict(BN=64, BV=64, BH=64, CB=cb, num_warps=8, num_stages=3, TMA=tma)
-    return dict(BN=32, BV=128, BH=64, CB=cb, num_warps=8, num_stages=3, TMA=tma)
+#: Teacher sweep tiles per architecture family, compile-checked (``python -m opd_kernels.compile_check``) free
+#: of spills for every KP = next_pow2(k) ≤ 256 on triton 3.6; ``ctas_per_sm`` is the compiled occupancy the
+#: persistent grid is sized by. ``C``: candidate buffer per row (≥ KP); ``RB``: rows per merge step;
+#: ``group_bytes``: hidden-row bytes of one row-block group (L2). Speed unmeasured.
+TEACHER = {
+    90: dict(BN=128, BV=256, BH=64, num_warps=8, num_stages=3, TMA=True, ctas_per_sm=1, group_bytes=24 * 2**20),
+    80: dict(BN=128, BV=128, BH=64, num_warps=8, num_stages=3, TMA=False, ctas_per_sm=1, group_bytes=16 * 2**20),
+}
+#: Interpreter plan: small tiles and buffers, 5 programs and groups of 2 row blocks, so that test problems
+#: cross row blocks, groups, segments and buffer merges.
+TEACHER_INTERP = dict(BN=16, BV=64, BH=32, num_warps=4, num_stages=1, TMA=False, ctas_per_sm=1,
+                      group_bytes=0, programs=5, group_rows=2)
+#: Keys the ``teacher`` override may set (tiles, buffer, plan).
+TEACHER_KEYS = frozenset(TEACHER[90]) | {"C", "RB", "programs", "group_rows"}
 
 
-TEACHER_METHODS = ("extract", "bitonic")
+def teacher_prod_tiles(kp: int, arch: int) -> dict:
+    """Production teacher plan for ``KP = next_pow2(k)`` on compute capability ``arch``: the family's tiles,
+    a candidate buffer of ``C = max(KP, 16)`` per row and ``RB = 2048 / C`` rows per merge step (a [RB, C]
+    int64 block is 16 registers per thread at 8 warps)."""
+    tiles = dict(TEACHER[arch_family(arch)])
+    c = max(kp, 16)
+    tiles.update(C=c, RB=min(tiles["BN"], max(1, 2048 // c)), programs=None, group_rows=None)
+    return tiles
 
 
 def teacher_tiles(kp: int, device: torch.device) -> dict:
-    """Teacher launch plan on ``device``: tiles plus ``method`` (default ``extract``) and ``splits`` (None =
-    chosen by the launcher), with the ``teacher`` override applied."""
+    """Teacher launch plan on ``device`` (interpreter plan on CPU) with the ``teacher`` override applied;
+    ``programs`` / ``group_rows`` None = chosen by ``teacher_topk.launch_plan``."""
     over = dict(_OVERRIDES.get("teacher", {}))
-    method = over.pop("method", "extract")
-    if method not in TEACHER_METHODS:
-        raise ValueError(f"teacher method must be one of {list(TEACHER_METHODS)}, got {method!r}")
+    unknown = set(over) - TEACHER_KEYS
+    if unknown:
+        raise TypeError(f"unknown teacher override(s) {sorted(unknown)}; known: {sorted(TEACHER_KEYS)}")
     if interpreting(device):
-        tiles = dict(BN=32, BV=max(64, kp), BH=64, CB=min(kp, 4), num_warps=4, num_stages=1, TMA=False)
+        tiles = dict(TEACHER_INTERP, C=max(kp, 8))
+        tiles["RB"] = min(tiles["BN"], 8)
     else:
-        tiles = teacher_prod_tiles(kp, method, device_info(device)[0])
-    tiles.update(method=method, splits=None)
+        tiles = teacher_prod_tiles(kp, device_info(device)[0])
     tiles.update(over)
     return tiles

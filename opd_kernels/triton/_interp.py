@@ -91,8 +91,38 @@ def _fix_interpreter_bf16_dot():
     builder.create_dot = create_dot
 
 
+def _fix_interpreter_bf16_rounding():
+    """The interpreter casts fp32 → bf16 by truncating the mantissa (round toward zero), where a GPU's
+    ``.to(tl.bfloat16)`` rounds to nearest even: stored bf16 results came out biased and ≈2× less accurate
+    than on the device. Round to nearest even through torch (fp32 → bf16 only)."""
+    if os.environ.get("TRITON_INTERPRET") != "1":
+        return
+    try:
+        import numpy as np
+        import torch
+        from triton.runtime import interpreter as interp
+    except ImportError:                                                 # pragma: no cover
+        return
+    builder = getattr(interp, "InterpreterBuilder", None)
+    orig = getattr(builder, "cast_impl", None)
+    if orig is None or getattr(orig, "_opd_fixed", False):
+        return
+
+    def cast_impl(self, src, dst_type):
+        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+            data = np.ascontiguousarray(src.data, dtype=np.float32)
+            bits = torch.from_numpy(data).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+            return interp.TensorHandle(bits, dst_type.scalar)
+        return orig(self, src, dst_type)
+
+    cast_impl._opd_fixed = True
+    builder.cast_impl = cast_impl
+    builder.create_fp_trunc = lambda self, src, dst_type: self.cast_impl(src, dst_type)
+
+
 def install_interpreter_fixes() -> None:
     """Install every fix (call at import time of a kernel module, before any launch)."""
     _fix_interpreter_index()
     _fast_interpreter_xor_reduce()
     _fix_interpreter_bf16_dot()
+    _fix_interpreter_bf16_rounding()

@@ -1,7 +1,7 @@
 """The Triton backend: the primitives of ``opd_kernels._student`` and the teacher entry, over the kernel
-family files (``gather``, ``lse_sweep``, ``dense_bwd``, ``sparse_bwd``, ``teacher_topk``).
+family files (``gather``, ``lse_sweep``, ``blocked_bwd``, ``sparse_bwd``, ``teacher_topk``).
 
-Primitives call the family launchers through their modules (``dense_bwd.dense_backward(...)``), so a test
+Primitives call the family launchers through their modules (``blocked_bwd.input_grads(...)``), so a test
 can patch one family without touching the others.
 """
 
@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import torch
 
-from .._spec import GradBuffers, Partials
-from . import dense_bwd, gather, lse_sweep, sparse_bwd
+from .._spec import Partials
+from . import blocked_bwd, gather, lse_sweep, sparse_bwd
 from . import teacher_topk as _teacher
-from ._common import alloc
 
-#: Spec fields this backend implements (``opd_kernels._spec``).
+#: Spec fields this backend implements (``opd_kernels._spec``). ``deterministic`` holds by construction:
+#: no kernel of the loss uses atomics.
 SUPPORTED = frozenset({"variant", "temperature", "need_stats", "deterministic", "filter_eps"})
 #: Teacher spec fields this backend implements.
 TEACHER_SUPPORTED = frozenset({"k", "temperature"})
@@ -31,29 +31,18 @@ def gather_logits(hidden, weight, bias, ids, spec):
     return gather.gather_logits(hidden, weight, bias, ids, spec.inv_tau)
 
 
-def grad_buffers(hidden, weight, bias, need_h, need_w, need_b, dense) -> GradBuffers:
-    """fp32 ``[N, H]`` dense grad_h and ``[V]`` grad_b; grad_W directly in the weight dtype (fp32 weights, or
-    no dense part: zeroed and accumulated in place; 16-bit weights: every row written by the dense slabs)."""
-    dev = hidden.device
-    grad_w = None
-    if need_w:
-        grad_w = torch.zeros_like(weight) if (weight.dtype == torch.float32 or not dense) else \
-            alloc(weight.shape, weight.dtype, dev)
-    return GradBuffers(
-        need_h=need_h,
-        h=torch.zeros(hidden.shape, dtype=torch.float32, device=dev) if (need_h and dense) else None,
-        w=grad_w,
-        b=torch.zeros(weight.shape[0], dtype=torch.float32, device=dev) if need_b else None)
-
-
-def dense_backward(hidden, weight, bias, lse, c, spec, buf: GradBuffers):
-    dense_bwd.dense_backward(hidden, weight, bias, lse, c, spec.inv_tau, buf.h, buf.w, buf.b, spec.deterministic,
-                             spec.filter_eps)
-
-
-def sparse_backward(hidden, weight, ids, gs, spec, buf: GradBuffers):
-    grad_h = sparse_bwd.sparse_backward(hidden, weight, ids, gs, buf.h, buf.w, buf.b, buf.need_h)
-    return grad_h, buf.w, None if buf.b is None else buf.b.to(hidden.dtype)
+def input_grads(hidden, weight, bias, ids, lse, g, spec, need_h, need_w, need_b):
+    """Dense variants: ``blocked_bwd`` (dz blocks with the sparse part folded in, three GEMMs per block).
+    Without a dense part (``lse`` None): ``sparse_bwd``, K gathered rows per token."""
+    if lse is not None:
+        return blocked_bwd.input_grads(hidden, weight, bias, ids, lse, g, spec.inv_tau, need_h, need_w, need_b,
+                                       spec.filter_eps)
+    gs = (g * spec.inv_tau).contiguous()
+    f32 = dict(dtype=torch.float32, device=hidden.device)
+    grad_w = torch.zeros_like(weight) if need_w else None
+    gb32 = torch.zeros(weight.shape[0], **f32) if need_b else None
+    grad_h = sparse_bwd.sparse_backward(hidden, weight, ids, gs, None, grad_w, gb32, need_h)
+    return grad_h, grad_w, None if gb32 is None else gb32.to(hidden.dtype)
 
 
 def teacher_topk(hidden, weight, bias, ignore_ids, token_ids, spec):

@@ -1,0 +1,414 @@
+"""Blocked backward: the whole student-loss gradient through a materialized ``dz`` block, without atomics.
+
+Per token n, with ``π = softmax(z)``, ``c_n = Σ_k g_nk`` and ``gs_nk = g_nk / τ`` (upstream folded in):
+
+    dz_nj = −c_n π_nj / τ + Σ_k gs_nk [id_nk = j]              (dense part + sparse part)
+    grad_h = dz W,    grad_W = dzᵀ h,    grad_b = Σ_n dz
+
+Design (the static review's §7c). The rows are cut into chunks of ``Nr`` and the vocabulary into blocks of
+``Vc``; for every (row chunk r, vocabulary block v), in order:
+
+1. ``_dz_kernel`` recomputes the logits tile by tile (``h_r W_vᵀ``, fp32 accumulation) and its epilogue
+   writes ``dz`` for the block in the input dtype, **with the sparse terms folded in**: each row's slots are
+   sorted by id once per backward, so the slots falling in a tile's columns are one contiguous run per row,
+   found by counting and added with ``tl.where`` (duplicated ids add twice, as they should). It also writes
+   a per-tile "non-zero" flag (tiles whose dense part is filtered and hold no sparse entry are skipped by
+   both GEMMs) and per-row-tile fp32 column sums for grad_b.
+2. ``grad_h[r] (+)= dz · W_v`` and 3. ``grad_W[v] (+)= dzᵀ · h_r``: two plain tiled GEMMs
+   (``_gemm_acc_kernel``, fp32 accumulation, each output tile owned by one program: a read-modify-write, no
+   atomic). grad_h accumulates over the vocabulary blocks in an fp32 ``[Nr, H]`` chunk (or directly in the
+   output when there is one block or the input is fp32); the last block writes the input dtype. grad_W
+   accumulates over the row chunks in the weight dtype: ``N / Nr`` roundings per element (1 at
+   N ≤ Nr; cut-cross-entropy's default does one per 128-row block).
+
+Why this design: every reduction is owned, so there is no atomic (no fence, no contention) and the result
+is deterministic by construction (the ``deterministic`` option costs nothing); the extra memory is bounded by
+the plan limits, independent of V: one ``dz`` block (``dz_block_bytes``, 32 MiB) + one fp32 grad_h chunk
+(``gh_chunk_bytes``, 32 MiB) + the row-sorted slots (N·K·8 B) + ``[V]`` fp32 grad_b. The cost is three
+GEMM-equivalents (recompute + two gradients), all on tensor cores, plus the ``dz`` block round trip
+(written once, read twice, L2-sized), against a fused design whose per-tile global reductions cost several
+GEMM-equivalents of L2 traffic and need atomics.
+
+Variants without a dense part (``renorm``) do not come here: their gradient is K gathered rows per token
+(``sparse_bwd``), far cheaper than three vocabulary GEMMs.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _configs
+from ._common import TL_DTYPE, alloc, dot_precision, launch_kw, logit_tile
+from ._compile import CompileSpec
+
+
+@triton.jit
+def _grouped_tile(pid, n_tiles_m, n_tiles_n, GROUP: tl.constexpr):
+    """(tile_m, tile_n) of program ``pid``: GROUP consecutive m tiles per n tile (L2 reuse of the n operand)."""
+    in_group = GROUP * n_tiles_n
+    first_m = (pid // in_group) * GROUP
+    group_m = tl.minimum(n_tiles_m - first_m, GROUP)
+    tile_m = first_m + (pid % in_group) % group_m
+    tile_n = (pid % in_group) // group_m
+    return tile_m, tile_n
+
+
+@triton.jit
+def _dz_kernel(
+    # pointers
+    h_ptr, w_ptr, b_ptr, lse_ptr, c_ptr, ids_ptr, gs_ptr, dz_ptr, flag_ptr, gb_ptr,
+    # sizes and scalars
+    H, K, inv_tau, filter_eps,
+    # launch plan: the block's first row / column, its extent, the dz and flag row strides
+    row0, col0, n_rows, n_cols, dz_stride, flag_stride,
+    # constexpr flags
+    HAS_BIAS: tl.constexpr, DENSE: tl.constexpr, SPARSE: tl.constexpr, COMPUTE_DB: tl.constexpr,
+    FILTER: tl.constexpr,
+    # tiles
+    BN: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr,
+    DOT_PREC: tl.constexpr,
+):
+    """dz [BN, BV] of one tile of the block rows [row0, row0 + n_rows) × columns [col0, col0 + n_cols):
+    ``−c π / τ`` (zeroed when every π of rows with c ≠ 0 is below ``filter_eps``) plus the row's sorted
+    slots whose ids fall in the tile. Writes dz (input dtype), the tile's flag (1 = non-zero) and its fp32
+    column sums (``gb_ptr[tile_m, col]``)."""
+    n_tiles_m = tl.cdiv(n_rows, BN)
+    n_tiles_n = tl.cdiv(n_cols, BV)
+    tile_m, tile_n = _grouped_tile(tl.program_id(0), n_tiles_m, n_tiles_n, GROUP)
+    offs_r = tile_m * BN + tl.arange(0, BN)                                             # [BN] in the block
+    offs_c = tile_n * BV + tl.arange(0, BV)                                             # [BV] in the block
+    mask_n = offs_r < n_rows
+    mask_v = offs_c < n_cols
+    offs_n = row0 + offs_r.to(tl.int64)                                                 # [BN] token rows
+    offs_v = col0 + offs_c.to(tl.int64)                                                 # [BV] vocabulary ids
+    dz = tl.zeros([BN, BV], dtype=tl.float32)                                           # [BN, BV]
+    if DENSE:
+        z = logit_tile(h_ptr, w_ptr, b_ptr, offs_n, mask_n, offs_v, mask_v, H, inv_tau,
+                       HAS_BIAS, BN, BV, BH, DOT_PREC)                                  # [BN, BV]
+        lse = tl.load(lse_ptr + offs_n, mask=mask_n, other=float("inf"))               # exp(z − lse) = 0 beyond
+        c = tl.load(c_ptr + offs_n, mask=mask_n, other=0.0)
+        # padding must give exactly 0 (an overflowing exp would poison the GEMMs through 0·inf)
+        p = tl.where(mask_n[:, None] & mask_v[None, :], tl.exp(z - lse[:, None]), 0.0)   # [BN, BV]
+        if FILTER:
+            keep = tl.max(tl.max(tl.where(c[:, None] != 0.0, p, 0.0), axis=1), axis=0) >= filter_eps
+            dz = tl.where(keep, p * (-c * inv_tau)[:, None], 0.0)
+        else:
+            dz = p * (-c * inv_tau)[:, None]
+    if SPARSE:
+        # each row's slots are sorted by id (invalid slots hold -1, first): the ones in [lo, hi) are the run
+        # [start, end) with start = #(ids < lo), end = #(ids < hi)
+        lo = col0 + tile_n * BV
+        hi = col0 + tl.minimum(tile_n * BV + BV, n_cols)
+        start = tl.zeros([BN], dtype=tl.int32)
+        end = tl.zeros([BN], dtype=tl.int32)
+        for k0 in range(0, K, BK):
+            offs_k = k0 + tl.arange(0, BK)                                              # [BK]
+            ids = tl.load(ids_ptr + offs_n[:, None] * K + offs_k[None, :],
+                          mask=mask_n[:, None] & (offs_k < K)[None, :], other=2147483647)  # [BN, BK]
+            start += tl.sum((ids < lo).to(tl.int32), axis=1)
+            end += tl.sum((ids < hi).to(tl.int32), axis=1)
+        run = end - start                                                               # [BN]
+        for j in range(0, tl.max(run, axis=0)):
+            sel = j < run
+            slot = offs_n * K + (start + j)
+            sid = tl.load(ids_ptr + slot, mask=sel, other=-1)                          # [BN]
+            g = tl.load(gs_ptr + slot, mask=sel, other=0.0)                            # [BN]
+            dz += tl.where(offs_v[None, :] == sid[:, None], g[:, None], 0.0)           # [BN, BV]
+    mask = mask_n[:, None] & mask_v[None, :]
+    tl.store(dz_ptr + offs_r.to(tl.int64)[:, None] * dz_stride + offs_c[None, :],
+             dz.to(dz_ptr.dtype.element_ty), mask=mask)
+    if FILTER:
+        # the GEMMs skip exactly the all-zero tiles
+        nonzero = tl.max(tl.max(tl.abs(dz), axis=1), axis=0) > 0.0
+        tl.store(flag_ptr + tile_m * flag_stride + tile_n, nonzero.to(tl.int32))
+    if COMPUTE_DB:
+        tl.store(gb_ptr + tile_m.to(tl.int64) * dz_stride + offs_c, tl.sum(dz, axis=0), mask=mask_v)
+
+
+@triton.jit
+def _live_lists_kernel(
+    # pointers: the block's tile flags [tiles_m, tiles_n]; per flag row / column the live indices and count
+    flag_ptr, live_h_ptr, n_live_h_ptr, live_w_ptr, n_live_w_ptr,
+    # launch plan
+    tiles_m, tiles_n, flag_stride, live_h_stride, live_w_stride,
+    # tiles
+    BF: tl.constexpr,
+):
+    """Program r < tiles_m lists the non-zero flags of row r (the grad_h GEMM's k tiles for its rows), program
+    tiles_m + c those of column c (the grad_W GEMM's k tiles for its columns), ascending, by a prefix sum."""
+    pid = tl.program_id(0)
+    offs = tl.arange(0, BF)                                                             # [BF]
+    if pid < tiles_m:
+        f = tl.load(flag_ptr + pid * flag_stride + offs, mask=offs < tiles_n, other=0)
+        live = f != 0
+        pos = tl.cumsum(live.to(tl.int32), axis=0) - 1
+        tl.store(live_h_ptr + pid * live_h_stride + pos, offs, mask=live)
+        tl.store(n_live_h_ptr + pid, tl.sum(live.to(tl.int32), axis=0))
+    else:
+        col = pid - tiles_m
+        f = tl.load(flag_ptr + offs * flag_stride + col, mask=offs < tiles_m, other=0)
+        live = f != 0
+        pos = tl.cumsum(live.to(tl.int32), axis=0) - 1
+        tl.store(live_w_ptr + col * live_w_stride + pos, offs, mask=live)
+        tl.store(n_live_w_ptr + col, tl.sum(live.to(tl.int32), axis=0))
+
+
+@triton.jit
+def _gemm_acc_kernel(
+    # pointers: out = (acc +) a · b over the live k tiles of a
+    a_ptr, b_ptr, acc_ptr, out_ptr, live_ptr, n_live_ptr,
+    # sizes: a [M, KD], b [KD, NN], acc / out [M, NN]
+    M, NN, KD,
+    # strides (elements): a's non-unit stride, b's row stride, acc / out row strides, live-list row stride
+    stride_a, stride_b, stride_acc, stride_out, live_stride,
+    # constexpr flags
+    A_COL_MAJOR: tl.constexpr, ACCUMULATE: tl.constexpr, SKIP: tl.constexpr, FLAG_M: tl.constexpr,
+    FLAG_K: tl.constexpr,
+    # tiles
+    BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr, DOT_PREC: tl.constexpr,
+):
+    """out [BM, BN] tile = (acc tile +) Σ_k a[BM, BK] · b[BK, BN], fp32 accumulation, stored in out's dtype.
+
+    ``a`` is row-major (``a[m, k] = a_ptr[m·stride_a + k]``) or, with A_COL_MAJOR, column-major
+    (``a_ptr[m + k·stride_a]``, a transposed view); ``b`` and ``acc`` / ``out`` are row-major with unit column
+    stride. The layout is a constexpr, not a runtime stride, so that the contiguous axis is known when the
+    kernel compiles and the loads vectorize and pipeline; in-tile offsets are 32-bit, k offsets 64-bit.
+
+    With SKIP, a is zero outside a set of (FLAG_M × FLAG_K) flag tiles (FLAG_M % BM == 0, FLAG_K % BK == 0):
+    the program reads its flag row's live k tiles from ``live_ptr[row, :n_live_ptr[row]]`` (ascending) and
+    loops over those only, so skipped tiles cost neither bandwidth nor tensor-core time and the loop keeps
+    a plain software pipeline (a data-dependent ``if`` inside it would not)."""
+    tile_m, tile_n = _grouped_tile(tl.program_id(0), tl.cdiv(M, BM), tl.cdiv(NN, BN), GROUP)
+    offs_m = tile_m * BM + tl.arange(0, BM)                                             # [BM]
+    offs_nn = tile_n * BN + tl.arange(0, BN)                                            # [BN]
+    offs_k = tl.arange(0, BK)                                                           # [BK]
+    mask_m = offs_m < M
+    mask_nn = offs_nn < NN
+    if A_COL_MAJOR:
+        a_tile = a_ptr + offs_m[:, None] + offs_k[None, :] * stride_a                   # [BM, BK]
+        a_kstride = stride_a.to(tl.int64)
+    else:
+        a_tile = a_ptr + offs_m[:, None] * stride_a + offs_k[None, :]                   # [BM, BK]
+        a_kstride = 1
+    b_tile = b_ptr + offs_k[:, None] * stride_b + offs_nn[None, :]                      # [BK, BN]
+    b_kstride = stride_b.to(tl.int64)                                                   # k0·stride may pass 2³¹
+    SUB: tl.constexpr = FLAG_K // BK
+    if SKIP:
+        flag_row = (tile_m * BM // FLAG_M).to(tl.int64)
+        n_steps = tl.load(n_live_ptr + flag_row) * SUB
+    else:
+        n_steps = tl.cdiv(KD, BK)
+    acc = tl.zeros([BM, BN], dtype=tl.float32)                                          # [BM, BN]
+    for i in range(0, n_steps):
+        if SKIP:
+            k0 = tl.load(live_ptr + flag_row * live_stride + i // SUB) * FLAG_K + (i % SUB) * BK
+        else:
+            k0 = i * BK
+        mask_k = offs_k < KD - k0
+        a = tl.load(a_tile + k0 * a_kstride, mask=mask_m[:, None] & mask_k[None, :], other=0.0)    # [BM, BK]
+        b = tl.load(b_tile + k0 * b_kstride, mask=mask_k[:, None] & mask_nn[None, :], other=0.0)   # [BK, BN]
+        acc = tl.dot(a, b, acc, input_precision=DOT_PREC)
+    mask = mask_m[:, None] & mask_nn[None, :]
+    rows = offs_m.to(tl.int64)[:, None]
+    if ACCUMULATE:
+        acc += tl.load(acc_ptr + rows * stride_acc + offs_nn[None, :], mask=mask, other=0.0).to(tl.float32)
+    tl.store(out_ptr + rows * stride_out + offs_nn[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+# ------------------------------------------------------------------------------------------------ launcher
+
+def plan(n: int, vocab: int, hdim: int, dtype, device: torch.device, arch: int | None = None) -> dict:
+    """Row chunk ``rows`` and vocabulary block ``cols`` (multiples of the dz tile; the fp32 grad_h chunk ≤
+    ``gh_chunk_bytes``, the dz block ≤ ``dz_block_bytes``) and the tiles of the three kernels (on
+    ``device``, or the production tiles of compute capability ``arch`` when given)."""
+    def tiles(kernel):
+        if arch is not None:
+            return _configs.student_prod_tiles(kernel, arch, dtype)
+        return _configs.student_tiles(kernel, device, dtype)
+    dz_cfg, dh_cfg, dw_cfg = tiles("dz"), tiles("gemm_dh"), tiles("gemm_dw")
+    bn, bv = dz_cfg["BN"], dz_cfg["BV"]
+    if bn % dh_cfg["BM"] or bv % dh_cfg["BK"] or bv % dw_cfg["BM"] or bn % dw_cfg["BK"]:
+        raise ValueError(f"GEMM tiles must divide the dz tile: dz {bn}x{bv}, gemm_dh {dh_cfg}, gemm_dw {dw_cfg}")
+    elem = torch.finfo(dtype).bits // 8
+    rows = max(bn, _configs.limit("gh_chunk_bytes") // (hdim * 4) // bn * bn)
+    rows = min(rows, triton.cdiv(max(n, 1), bn) * bn)
+    cols = max(bv, _configs.limit("dz_block_bytes") // (rows * elem) // bv * bv)
+    cols = min(cols, triton.cdiv(vocab, bv) * bv)
+    return dict(rows=rows, cols=cols, dz=dz_cfg, gemm_dh=dh_cfg, gemm_dw=dw_cfg)
+
+
+def default_filter_eps(dtype) -> float:
+    """Skip threshold on π (relative dense gradient): dtype epsilon × 2⁻¹⁶ (bf16 2⁻²³, fp32 2⁻³⁹)."""
+    return torch.finfo(dtype).eps * 2.0 ** -16
+
+
+def _gemm(a, b, acc, out, live, flag_tile, accumulate: bool, cfg: dict, prec: str):
+    """``out = (acc +) a @ b`` for 2-D views: ``a`` row-major or a transposed (column-major) view, ``b``,
+    ``acc`` and ``out`` with unit column stride. ``live``: None, or (live k tiles [rows, ≥ tiles], counts
+    [rows]) per flag row of ``a`` (``_live_lists_kernel``)."""
+    m, kd = a.shape
+    nn = b.shape[1]
+    col_major = a.stride(0) == 1 and a.stride(1) != 1
+    assert b.stride(1) == 1 and out.stride(1) == 1 and (acc is None or acc.stride(1) == 1)
+    assert col_major or a.stride(1) == 1
+    grid = (triton.cdiv(m, cfg["BM"]) * triton.cdiv(nn, cfg["BN"]),)
+    order, count = live if live is not None else (out, out)
+    _gemm_acc_kernel[grid](
+        a, b, acc if acc is not None else out, out, order, count,
+        m, nn, kd, a.stride(1) if col_major else a.stride(0), b.stride(0),
+        (acc if acc is not None else out).stride(0), out.stride(0), order.stride(0) if live is not None else 0,
+        A_COL_MAJOR=col_major, ACCUMULATE=accumulate, SKIP=live is not None, FLAG_M=flag_tile[0],
+        FLAG_K=flag_tile[1], BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], GROUP=cfg["GROUP"], DOT_PREC=prec,
+        **launch_kw(cfg))
+
+
+def input_grads(hidden, weight, bias, ids, lse, g, inv_tau: float, need_h: bool, need_w: bool,
+                need_b: bool, filter_eps: float | None):
+    """``(grad_h [N, H] input dtype | None, grad_W [V, H] weight dtype | None, grad_b [V] bias dtype | None)``.
+
+    ``ids [N, K]`` int64 (-1 at invalid slots), ``g [N, K]`` fp32 slot coefficients with the upstream
+    gradient folded in (0 at invalid slots), ``lse [N]`` fp32. ``filter_eps``: None =
+    :func:`default_filter_eps`, 0 = no filtering.
+
+    Extra memory: ``c`` [N] and the row-sorted slots (int32 ids + fp32 g/τ, N·K·8 B; the sort's int64
+    permutation, N·K·8 B more, lives only before the blocks start), one dz block, one fp32 grad_h chunk,
+    the tile flags and live lists (a few KiB), and with a bias ``[V]`` fp32 plus per-tile column sums."""
+    n, hdim = hidden.shape
+    vocab = weight.shape[0]
+    dev, dtype = hidden.device, hidden.dtype
+    if filter_eps is None:
+        filter_eps = default_filter_eps(dtype)
+    grad_h = alloc(hidden.shape, dtype, dev) if need_h else None
+    grad_w = alloc(weight.shape, weight.dtype, dev) if need_w else None
+    gb32 = torch.zeros(vocab, dtype=torch.float32, device=dev) if need_b else None
+    if n == 0:
+        if grad_h is not None:
+            grad_h.zero_()
+        if grad_w is not None:
+            grad_w.zero_()
+    if n == 0 or not (need_h or need_w or need_b):
+        return grad_h, grad_w, None if gb32 is None else gb32.to(bias.dtype)
+
+    p = plan(n, vocab, hdim, dtype, dev)
+    rows, cols, dz_cfg = p["rows"], p["cols"], p["dz"]
+    bn, bv = dz_cfg["BN"], dz_cfg["BV"]
+    prec = dot_precision(dtype)
+    filtering = filter_eps > 0
+    k = ids.shape[1]
+    c = g.sum(-1)                                                  # [N] dense coefficient
+    sorted_ids, order = torch.sort(ids, dim=1)                     # per row, by id (invalid -1 first)
+    sorted_ids = sorted_ids.to(torch.int32)
+    sorted_gs = torch.gather(g, 1, order).mul_(inv_tau)            # g / τ in the same order
+    del order
+
+    dz = torch.empty((rows, cols), dtype=dtype, device=dev)
+    flags = torch.empty((triton.cdiv(rows, bn), triton.cdiv(cols, bv)), dtype=torch.int32, device=dev) \
+        if filtering else None
+    gb_part = torch.empty((triton.cdiv(rows, bn), cols), dtype=torch.float32, device=dev) if need_b else None
+    if flags is not None:                  # per flag row / column: the live k tiles of the two GEMMs
+        live_h, live_w = torch.empty_like(flags), torch.empty_like(flags.t().contiguous())
+        n_live_h = torch.empty(flags.shape[0], dtype=torch.int32, device=dev)
+        n_live_w = torch.empty(flags.shape[1], dtype=torch.int32, device=dev)
+    n_blocks = triton.cdiv(vocab, cols)
+    gh_acc = None
+    if need_h and n_blocks > 1 and dtype != torch.float32:
+        gh_acc = torch.empty((rows, hdim), dtype=torch.float32, device=dev)
+
+    for r0 in range(0, n, rows):
+        nr = min(rows, n - r0)
+        h_r = hidden[r0:r0 + nr]
+        for j, v0 in enumerate(range(0, vocab, cols)):
+            nc = min(cols, vocab - v0)
+            tiles_m, tiles_n = triton.cdiv(nr, bn), triton.cdiv(nc, bv)
+            _dz_kernel[(tiles_m * tiles_n,)](
+                hidden, weight, bias if bias is not None else hidden, lse, c, sorted_ids, sorted_gs, dz,
+                flags if flags is not None else dz, gb_part if gb_part is not None else dz,
+                hdim, k, float(inv_tau), float(filter_eps), r0, v0, nr, nc, cols,
+                flags.stride(0) if flags is not None else 0,
+                HAS_BIAS=bias is not None, DENSE=True, SPARSE=True, COMPUTE_DB=need_b, FILTER=filtering,
+                BN=bn, BV=bv, BH=dz_cfg["BH"], BK=min(dz_cfg["BK"], triton.next_power_of_2(k)),
+                GROUP=dz_cfg["GROUP"], DOT_PREC=prec, **launch_kw(dz_cfg))
+            dz_blk = dz[:nr, :nc]
+            if flags is not None:
+                _live_lists_kernel[(tiles_m + tiles_n,)](
+                    flags, live_h, n_live_h, live_w, n_live_w, tiles_m, tiles_n, flags.stride(0),
+                    live_h.stride(0), live_w.stride(0), BF=triton.next_power_of_2(max(flags.shape)),
+                    num_warps=1, num_stages=1)
+            if need_b:
+                gb32[v0:v0 + nc] += gb_part[:tiles_m, :nc].sum(0)
+            if need_h:
+                # grad_h[r] (+)= dz · W_v: fp32 chunk across vocabulary blocks, the last block writes the output
+                last = j == n_blocks - 1
+                acc = None if j == 0 else (gh_acc[:nr] if gh_acc is not None else grad_h[r0:r0 + nr])
+                out = grad_h[r0:r0 + nr] if (last or gh_acc is None) else gh_acc[:nr]
+                _gemm(dz_blk, weight[v0:v0 + nc], acc, out, None if flags is None else (live_h, n_live_h), (bn, bv),
+                      j > 0, p["gemm_dh"], prec)
+            if need_w:
+                # grad_W[v] (+)= dzᵀ · h_r: accumulated over row chunks in the weight dtype
+                out = grad_w[v0:v0 + nc]
+                _gemm(dz_blk.t(), h_r, out if r0 > 0 else None, out, None if flags is None else (live_w, n_live_w),
+                      (bv, bn), r0 > 0, p["gemm_dw"], prec)
+    return grad_h, grad_w, None if gb32 is None else gb32.to(bias.dtype)
+
+
+# ------------------------------------------------------------------------------------------- compile specs
+
+def _specs(hidden_size, arch, dtype, allow_tf32, suffix):
+    pt = "*" + TL_DTYPE[dtype]
+    prec = dot_precision(dtype, allow_tf32)
+    has_matmul = prec != "ieee" or dtype != torch.float32                # fp32 "ieee" dots run on FMA units
+    d = _configs.student_prod_tiles("dz", arch, dtype, allow_tf32)
+    dz_tiles = dict(BN=d["BN"], BV=d["BV"], BH=d["BH"], BK=d["BK"], GROUP=d["GROUP"])
+    # the production plan at N = 16384, V = 128256 (a full block; the last one has odd sizes, a second JIT
+    # specialization at runtime)
+    from ._compile import PRODUCTION_SHAPE
+    plan_ = plan(PRODUCTION_SHAPE["N"], PRODUCTION_SHAPE["V"], hidden_size, dtype, torch.device("cuda"), arch=arch)
+    rows, cols = plan_["rows"], plan_["cols"]
+    ftm, ftn = triton.cdiv(rows, d["BN"]), triton.cdiv(cols, d["BV"])
+    specs = [CompileSpec(
+        kernel=f"student_bwd_dz{suffix}", fn=_dz_kernel,
+        constexprs=dict(HAS_BIAS=True, DENSE=True, SPARSE=True, COMPUTE_DB=True, FILTER=True, DOT_PREC=prec,
+                        **dz_tiles),
+        pointers=dict(h_ptr=pt, w_ptr=pt, b_ptr=pt, ids_ptr="*i32", dz_ptr=pt, flag_ptr="*i32"),
+        scalars=dict(row0=0, col0=0, n_rows=rows, n_cols=cols, dz_stride=cols, flag_stride=ftn),
+        num_warps=d["num_warps"], num_stages=d["num_stages"], has_matmul=has_matmul,
+        config=dict(dtype=TL_DTYPE[dtype], dot=prec, **dz_tiles, num_warps=d["num_warps"],
+                    num_stages=d["num_stages"], H=hidden_size, rows=rows, cols=cols))]
+    specs.append(CompileSpec(
+        kernel=f"student_bwd_live_lists{suffix}", fn=_live_lists_kernel,
+        constexprs=dict(BF=triton.next_power_of_2(max(ftm, ftn))),
+        pointers=dict(flag_ptr="*i32", live_h_ptr="*i32", n_live_h_ptr="*i32", live_w_ptr="*i32",
+                      n_live_w_ptr="*i32"),
+        scalars=dict(tiles_m=ftm, tiles_n=ftn, flag_stride=ftn, live_h_stride=ftn, live_w_stride=ftm),
+        num_warps=1, num_stages=1, has_matmul=False, config=dict(tiles=[ftm, ftn], H=hidden_size)))
+    for name, out in (("gemm_dh", "*fp32"), ("gemm_dw", pt)):
+        g = _configs.student_prod_tiles(name, arch, dtype, allow_tf32)
+        tiles = dict(BM=g["BM"], BN=g["BN"], BK=g["BK"], GROUP=g["GROUP"])
+        if name == "gemm_dh":      # dz [rows, cols] · W_v [cols, H] → fp32 grad_h chunk [rows, H]
+            flag, col_major = (d["BN"], d["BV"]), False
+            scalars = dict(M=rows, NN=hidden_size, KD=cols, stride_a=cols, stride_b=hidden_size,
+                           stride_acc=hidden_size, stride_out=hidden_size, live_stride=ftn)
+        else:                      # dzᵀ [cols, rows] (column-major view) · h_r [rows, H] → grad_W [cols, H]
+            flag, col_major = (d["BV"], d["BN"]), True
+            scalars = dict(M=cols, NN=hidden_size, KD=rows, stride_a=cols, stride_b=hidden_size,
+                           stride_acc=hidden_size, stride_out=hidden_size, live_stride=ftm)
+        for skip in (False, True):
+            specs.append(CompileSpec(
+                kernel=f"student_bwd_{name}{'_skip' if skip else ''}{suffix}", fn=_gemm_acc_kernel,
+                constexprs=dict(A_COL_MAJOR=col_major, ACCUMULATE=True, SKIP=skip, FLAG_M=flag[0],
+                                FLAG_K=flag[1], DOT_PREC=prec, **tiles),
+                pointers=dict(a_ptr=pt, b_ptr=pt, acc_ptr=out, out_ptr=out, live_ptr="*i32", n_live_ptr="*i32"),
+                scalars=scalars, num_warps=g["num_warps"], num_stages=g["num_stages"], has_matmul=has_matmul,
+                config=dict(dtype=TL_DTYPE[dtype], dot=prec, **tiles, num_warps=g["num_warps"],
+                            num_stages=g["num_stages"], H=hidden_size)))
+    return specs
+
+
+def compile_specs(hidden_size: int, arch: int = 90) -> list[CompileSpec]:
+    """The dz kernel and both gradient GEMMs (with and without tile skipping) for bf16, fp32 ("ieee", FMA)
+    and fp32 with TF32."""
+    return (_specs(hidden_size, arch, torch.bfloat16, False, "")
+            + _specs(hidden_size, arch, torch.float32, False, "_fp32")
+            + _specs(hidden_size, arch, torch.float32, True, "_tf32"))
