@@ -74,4 +74,9 @@ STATUS=${PIPESTATUS[0]}
 if [ ! -f "$OUT_DIR/results.md" ] && [ -f "$OUT_DIR/results.jsonl" ]; then   # killed before the report
   $PY -m benchmarks.report "$OUT_DIR/results.jsonl" 2>&1 | tee -a "$OUT_DIR/bench.log"
 fi
+# 3. the static model next to what was measured (the first GPU run calibrates it)
+if [ -f "$OUT_DIR/results.jsonl" ]; then
+  echo "== modelled vs measured (benchmarks/model.py)" | tee -a "$OUT_DIR/bench.log"
+  timeout 60 $PY -m benchmarks.model --measured "$OUT_DIR/results.jsonl" 2>&1 | tee -a "$OUT_DIR/bench.log"
+fi
 echo "== done in $((SECONDS - T0)) s (benchmark pytest exit status $STATUS)" | tee -a "$OUT_DIR/bench.log"

@@ -24,10 +24,11 @@ every primitive against ``reference/primitives.py``):
   (only when ``spec.need_stats``, else None), and optionally ``z_sel [N,K]`` when the sweep gathers it for
   free (else None).
 - ``gather_logits(hidden, weight, bias, ids, spec) -> z_sel [N,K]`` fp32; any finite value where ids < 0.
-- ``input_grads(hidden, weight, bias, ids, lse [N] | None, g [N,K], spec, need_h, need_w, need_b) ->
-  (grad_h, grad_W, grad_b)``: the gradient ``dz = (Σ_k g_nk [j = id_nk] − c_n π_nj) / τ`` pushed through
+- ``input_grads(hidden, weight, bias, ids, lse [N] | None, g [N,K], spec, need_h, need_w, need_b,
+  skipped=None) -> (grad_h, grad_W, grad_b)``: the gradient ``dz = (Σ_k g_nk [j = id_nk] − c_n π_nj) / τ`` pushed through
   the LM head (``grad_h = dz W``, ``grad_W = dzᵀ h``, ``grad_b = Σ_n dz``) in the input dtypes, None where
-  not needed; ``g`` is zero at invalid slots; ``lse`` None means no dense part. The torch backend composes
+  not needed; ``g`` is zero at invalid slots; ``lse`` None means no dense part; ``skipped`` (a 0-dim
+  float32, or None) receives the fraction of (row × vocabulary) tiles whose gradient was skipped. The torch backend composes
   it from ``dense_backward`` and ``sparse_backward`` (each tested against ``reference/primitives.py``); the
   Triton backend builds ``dz`` blocks with the sparse part folded in (``triton/blocked_bwd.py``).
 
@@ -48,8 +49,10 @@ class StudentLossFunction(torch.autograd.Function):
     """Per-token loss ``ℓ [N]`` (and detached stats) of one spec; differentiable w.r.t. hidden, weight, bias.
 
     ``apply(hidden, weight, bias, ids, teacher_logprobs, spec, backend)`` →
-    ``(loss, kl, student_topk_mass, teacher_topk_mass, entropy)``, each ``[N]`` float32; the stats are
-    empty tensors when ``spec.need_stats`` is false."""
+    ``(loss, kl, student_topk_mass, teacher_topk_mass, entropy, skipped_tile_fraction)``, each ``[N]``
+    float32 but the last, a 0-dim float32 the backward fills in (the fraction of vocabulary tiles whose
+    gradient it skipped; NaN until backward runs); the stats are empty tensors when ``spec.need_stats`` is
+    false."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, ids, teacher_logprobs, spec: StudentLossSpec, backend):
@@ -73,9 +76,13 @@ class StudentLossFunction(torch.autograd.Function):
         ctx.save_for_backward(hidden, weight, bias, ids, g, lse)
         ctx.spec, ctx.backend = spec, backend
         if spec.need_stats:
-            stats = (loss.detach().clone(), student_mass, teacher_mass, entropy)
+            # filled in by backward (the backward decides which tiles it skips); NaN until it runs
+            skipped = loss.new_full((), float("nan"))
+            stats = (loss.detach().clone(), student_mass, teacher_mass, entropy, skipped)
         else:
-            stats = tuple(loss.new_empty(0) for _ in range(4))
+            skipped = None
+            stats = tuple(loss.new_empty(0) for _ in range(5))
+        ctx.skipped = skipped
         ctx.mark_non_differentiable(*stats)
         return (loss, *stats)
 
@@ -88,11 +95,11 @@ class StudentLossFunction(torch.autograd.Function):
         g = (g * grad_loss.float().unsqueeze(-1)).contiguous()            # [N, K], upstream folded in
         dense = spec.variant not in _math.NO_DENSE and hidden.shape[0] > 0
         grad_h, grad_w, grad_b = backend.input_grads(hidden, weight, bias, ids, lse if dense else None, g, spec,
-                                                     need_h, need_w, need_b)
+                                                     need_h, need_w, need_b, skipped=ctx.skipped)
         return grad_h, grad_w, grad_b, None, None, None, None
 
 
-STAT_NAMES = ("kl", "student_topk_mass", "teacher_topk_mass", "entropy")
+STAT_NAMES = ("kl", "student_topk_mass", "teacher_topk_mass", "entropy", "skipped_tile_fraction")
 
 
 def student_loss(backend, hidden, weight, bias, ids, teacher_logprobs, spec: StudentLossSpec):

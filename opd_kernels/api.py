@@ -121,7 +121,9 @@ def topk_rkl_loss(hidden, weight, teacher_ids, teacher_logprobs, mask=None, *, v
         reduction: ``"mean"`` (Σ mask·ℓ / Σ mask, 0 if Σ mask = 0), ``"sum"`` or ``"none"`` (``[*]``).
         backend: ``"auto"`` (Triton on CUDA, else torch), ``"torch"`` or ``"triton"``.
         return_stats: also return detached ``[*]`` stats ``kl``, ``student_topk_mass``,
-            ``teacher_topk_mass``, ``entropy`` (0 at masked tokens).
+            ``teacher_topk_mass``, ``entropy`` (0 at masked tokens), and the 0-dim
+            ``skipped_tile_fraction``: the fraction of (token × vocabulary) tiles whose gradient the
+            backward skipped (``filter_eps``); it is filled in when backward runs (NaN before).
 
     Returns:
         float32 loss (scalar, or ``[*]`` for ``reduction="none"``), and the stats dict if asked.
@@ -165,6 +167,9 @@ def topk_rkl_loss(hidden, weight, teacher_ids, teacher_logprobs, mask=None, *, v
 def _finish_stats(stats_rows, idx, n, keep, lead):
     stats = {}
     for name, value in stats_rows.items():
+        if value.dim() == 0:                   # a per-call scalar (skipped_tile_fraction)
+            stats[name] = value
+            continue
         value = _scatter_rows(value.detach().float(), idx, n)
         if keep is not None and idx is None:
             value = value * keep
@@ -182,7 +187,8 @@ def sampled_token_rkl_loss(hidden, weight, token_ids, teacher_token_logprobs, ma
         teacher_token_logprobs: ``[*]`` the teacher's log-prob of that token.
         mask, temperature, reduction, backend: as in :func:`topk_rkl_loss`.
         return_stats: also return detached ``[*]`` stats ``kl`` (the per-token value), ``student_logprob``,
-            ``teacher_logprob`` and ``entropy`` (0 at masked tokens).
+            ``teacher_logprob`` and ``entropy`` (0 at masked tokens), and ``skipped_tile_fraction`` as in
+            :func:`topk_rkl_loss`.
     """
     reduction = V.check_reduction(reduction)
     temperature = V.check_temperature(temperature)
@@ -223,6 +229,7 @@ def sampled_token_rkl_loss(hidden, weight, token_ids, teacher_token_logprobs, ma
         "student_logprob": stats_rows["kl"] + t_rows,
         "teacher_logprob": t_rows,
         "entropy": stats_rows["entropy"],
+        "skipped_tile_fraction": stats_rows["skipped_tile_fraction"],
     }
     return loss, _finish_stats(stats_rows, idx, n, keep, lead)
 

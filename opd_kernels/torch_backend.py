@@ -140,8 +140,11 @@ def sparse_backward(hidden, weight, ids, gs, spec, buf: GradBuffers):
 
 # ----------------------------------------------------------------------------------------------- teacher
 
-def input_grads(hidden, weight, bias, ids, lse, g, spec, need_h, need_w, need_b):
-    """The backward primitive: fp32 buffers, the dense part when ``lse`` is given, then the sparse part."""
+def input_grads(hidden, weight, bias, ids, lse, g, spec, need_h, need_w, need_b, skipped=None):
+    """The backward primitive: fp32 buffers, the dense part when ``lse`` is given, then the sparse part.
+    Nothing is skipped (``skipped`` receives 0)."""
+    if skipped is not None:
+        skipped.fill_(0.0)
     buf = grad_buffers(hidden, weight, bias, need_h, need_w, need_b, dense=lse is not None)
     if lse is not None:
         dense_backward(hidden, weight, bias, lse, g.sum(-1), spec, buf)

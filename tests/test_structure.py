@@ -74,21 +74,21 @@ def test_derive_signature_rules_and_errors(tmp_path):
 def test_one_override_mechanism_for_both_families():
     cpu = torch.device("cpu")
     base = _configs.student_tiles("dz", cpu)
-    with _configs.overrides(dz=dict(BV=32), teacher=dict(BN=16, method="bitonic", splits=3), programs=5,
+    with _configs.overrides(dz=dict(BV=32), teacher=dict(BN=16, C=64, programs=3), programs=5,
                             dz_block_bytes=1234):
         assert _configs.student_tiles("dz", cpu)["BV"] == 32
         assert _configs.target_programs(cpu) == 5 and _configs.limit("dz_block_bytes") == 1234
         plan = _configs.teacher_tiles(8, cpu)
-        assert (plan["BN"], plan["method"], plan["splits"]) == (16, "bitonic", 3)
+        assert (plan["BN"], plan["C"], plan["programs"]) == (16, 64, 3)
         with _configs.overrides(programs=2):                     # nested scopes merge and restore
             assert _configs.target_programs(cpu) == 2 and _configs.student_tiles("dz", cpu)["BV"] == 32
         assert _configs.target_programs(cpu) == 5
     assert _configs.student_tiles("dz", cpu) == base
-    assert _configs.teacher_tiles(8, cpu)["method"] == "extract"
+    assert _configs.teacher_tiles(8, cpu)["C"] == 32
     with pytest.raises(TypeError, match="unknown override"):
         with _configs.overrides(bogus=1):
             pass
-    with pytest.raises(ValueError, match="method"):
+    with pytest.raises(TypeError, match="unknown teacher override"):
         with _configs.overrides(teacher=dict(method="heap")):
             _configs.teacher_tiles(8, cpu)
 

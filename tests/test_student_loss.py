@@ -170,7 +170,8 @@ def test_stats(backend, device, variant):
         _, stats = _run(ok.topk_rkl_loss, ours, backend=backend, variant=variant, mask=mask.to(device),
                         temperature=1.5, return_stats=True)
     _, exp = _run(R.topk_rkl_loss, ref, variant=variant, mask=mask, temperature=1.5, return_stats=True)
-    assert set(stats) == {"kl", "student_topk_mass", "teacher_topk_mass", "entropy"}
+    assert set(stats) == {"kl", "student_topk_mass", "teacher_topk_mass", "entropy", "skipped_tile_fraction"}
+    assert stats["skipped_tile_fraction"].shape == () and torch.isnan(stats["skipped_tile_fraction"])  # no backward
     for key in exp:
         assert stats[key].shape == (3, 11) and not stats[key].requires_grad
         assert_close(key, stats[key], exp[key], 1e-5)
@@ -211,8 +212,8 @@ def test_tuning_options_reach_only_backends_that_declare_them(backend, device):
 
 
 def test_stats_are_function_outputs_not_side_effects(backend, device):
-    """The Function returns (loss, kl, student mass, teacher mass, entropy); stats are detached and need
-    no mutable argument; without stats they are empty."""
+    """The Function returns (loss, kl, student mass, teacher mass, entropy, skipped tile fraction); stats are
+    detached and need no mutable argument; without stats they are empty."""
     from opd_kernels import api
     _, impl = api._backend(backend, torch.device(device))
     prob = make_problem(n=9, v=100, h=16, k=4, seed=2)
@@ -221,10 +222,11 @@ def test_stats_are_function_outputs_not_side_effects(backend, device):
     for need in (True, False):
         spec = _spec.StudentLossSpec(variant="stopgrad", temperature=0.9, need_stats=need)
         out = _student.StudentLossFunction.apply(p["hidden"], p["weight"], p["bias"], ids, t, spec, impl)
-        assert len(out) == 5 and out[0].requires_grad and out[0].shape == (9,)
-        for stat in out[1:]:
+        assert len(out) == 6 and out[0].requires_grad and out[0].shape == (9,)
+        for stat in out[1:5]:
             assert not stat.requires_grad
             assert stat.shape == ((9,) if need else (0,))
+        assert not out[5].requires_grad and out[5].shape == (() if need else (0,))
     loss, stats = _student.student_loss(impl, p["hidden"], p["weight"], p["bias"], ids, t,
                                         _spec.StudentLossSpec(variant="tail", need_stats=True))
     assert set(stats) == set(_student.STAT_NAMES)

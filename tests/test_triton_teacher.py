@@ -2,7 +2,7 @@
 come from the gather family (K = 1).
 
 Runs under TRITON_INTERPRET=1 on CPU (tests/conftest.py); sizes are small but cross several row blocks, vocab
-tiles and splits with remainders.
+tiles, groups, segments and buffer merges, with remainders.
 """
 
 import pytest
@@ -16,13 +16,13 @@ TT = pytest.importorskip("opd_kernels.triton.teacher_topk")
 from opd_kernels.triton._configs import overrides  # noqa: E402
 
 #: test-facing launch knobs → the ``teacher`` override of ``opd_kernels.triton._configs``
-_PLAN_KEYS = dict(splits="splits", block_n="BN", block_v="BV", block_h="BH", cand_block="CB", method="method",
-                  tma="TMA")
+_PLAN_KEYS = dict(programs="programs", group_rows="group_rows", block_n="BN", block_v="BV", block_h="BH",
+                  buffer="C", merge_rows="RB", tma="TMA")
 
 
 def _topk(hidden, weight, bias, k, temperature, ignore, tokens, **launch):
-    """The launcher under a ``teacher`` plan override (``splits``, ``block_*``, ``cand_block``, ``method``,
-    ``tma``)."""
+    """The launcher under a ``teacher`` plan override (``programs``, ``group_rows``, ``block_*``, ``buffer``,
+    ``merge_rows``, ``tma``)."""
     with overrides(teacher={_PLAN_KEYS[key]: value for key, value in launch.items()}):
         return TT.teacher_topk(hidden, weight, bias, ignore, tokens, k, 1.0 / temperature)
 
@@ -100,26 +100,52 @@ def test_fp32_bias_temperature_ignore(k):
     _run_and_check(hidden, weight, bias, k, temperature=0.7, ignore=ignore)
 
 
-@pytest.mark.parametrize("launch", [dict(splits=1, block_n=16, block_v=64),
-                                    dict(splits=5, block_n=16, block_v=64, block_h=32, cand_block=1),
-                                    dict(splits=40, block_n=64, block_v=128, cand_block=8),
-                                    dict(splits=2, block_n=32, block_v=256, block_h=128, cand_block=2),
-                                    dict(method="bitonic", splits=3, block_n=16, block_v=64, cand_block=0),
-                                    dict(method="bitonic", splits=2, block_n=32, block_v=64, cand_block=2),
-                                    dict(tma=True, splits=3, block_n=16, block_v=64, block_h=32),
-                                    dict(tma=True, method="bitonic", splits=2, block_n=64, block_v=128)])
-def test_splits_blocks_methods(launch):
+@pytest.mark.parametrize("launch", [dict(programs=1, group_rows=3, block_n=16, block_v=64),
+                                    dict(programs=5, group_rows=1, block_n=16, block_v=64, block_h=32, buffer=8),
+                                    dict(programs=40, block_n=64, block_v=128, buffer=16, merge_rows=16),
+                                    dict(programs=2, block_n=32, block_v=256, block_h=128, buffer=32),
+                                    dict(programs=7, group_rows=2, block_n=16, block_v=64, buffer=64, merge_rows=4),
+                                    dict(programs=9, group_rows=1, block_n=16, block_v=128),
+                                    dict(tma=True, programs=3, block_n=16, block_v=64, block_h=32),
+                                    dict(tma=True, programs=2, block_n=64, block_v=128)])
+def test_plans(launch):
+    """Programs over 1–3 row blocks each, groups of 1–3 row blocks, segments starting and ending inside row
+    blocks, more programs asked for than a group has tiles, buffers from 8 to 64 entries (merged every tile or
+    every few tiles), merge steps of 4–16 rows, TMA descriptors."""
     hidden, weight, bias = _problem(seed=11)
     _run_and_check(hidden, weight, bias, 7, temperature=1.3, ignore=[0, 500], **launch)
 
 
-@pytest.mark.parametrize("method", ["extract", "bitonic"])
-def test_large_k_methods(method):
-    """k = 100 (KP = 128) through both top-K updates: candidate batches smaller than KP are padded and
-    merged many times per tile; bitonic with cand_block 16 switches between the small and the full sort."""
+@pytest.mark.parametrize("buffer", [128, 256])
+def test_large_k(buffer):
+    """k = 100 (KP = 128): a first tile of 64 entries per row fits the buffer; the merge takes its top 128
+    (buffer 256: tl.topk of the chunk) or sorts it."""
     hidden, weight, bias = _problem(n=21, h=40, v=700, seed=13)
-    launch = dict(method=method, cand_block=16, splits=2, block_v=128)
-    _run_and_check(hidden, weight, bias, 100, temperature=0.9, ignore=[1, 2, 699], **launch)
+    _run_and_check(hidden, weight, bias, 100, temperature=0.9, ignore=[1, 2, 699], programs=2, block_v=64,
+                   buffer=buffer)
+
+
+def test_launch_plan_partition():
+    """Every (row block, tile) belongs to exactly one segment; segments of a row block take consecutive slots
+    from 0; programs of a group start at the same tile of each row block when the group divides them."""
+    for row_blocks, n_tiles, programs, rpg in ((128, 501, 132, 22), (7, 16, 5, 2), (3, 10, 40, 3), (9, 4, 4, 4)):
+        seg = TT._segments(row_blocks, n_tiles, rpg, programs)
+        assert [r for r, _, _ in seg] == list(range(row_blocks))
+        for rb0 in range(0, row_blocks, rpg):
+            g = min(rpg, row_blocks - rb0) * n_tiles
+            owner = [p for p in range(programs) for _ in range(p * g // programs, (p + 1) * g // programs)]
+            assert len(owner) == g
+            for r in range(min(rpg, row_blocks - rb0)):
+                _, first, last = seg[rb0 + r]
+                assert (owner[r * n_tiles], owner[(r + 1) * n_tiles - 1]) == (first, last)
+    cfg = dict(BN=128, BV=256, ctas_per_sm=1, group_bytes=24 * 2**20)
+    plan = TT.launch_plan(16384, 128256, 4096, 2, cfg, 132)
+    assert (plan["programs"], plan["rows_per_group"], plan["row_blocks"], plan["n_tiles"]) == (132, 22, 128, 501)
+    assert plan["slots"] == max(b - a + 1 for _, a, b in TT._segments(128, 501, 22, 132))
+    assert TT.launch_plan(100, 1000, 64, 2, dict(cfg, BN=16, BV=64), 132)["programs"] == 7 * 16  # ≤ 1 per tile
+    # more programs than a group's tiles would leave programs without tiles (holes among a row block's slots)
+    small = TT.launch_plan(40, 333, 24, 4, dict(cfg, BN=16, BV=64, programs=9, group_rows=1), 132)
+    assert (small["programs"], small["slots"]) == (6, 6)
 
 
 def test_minus_inf_logits():
@@ -127,7 +153,7 @@ def test_minus_inf_logits():
     left, reported with log-prob −inf; lse ignores them."""
     hidden, weight, bias = _problem(n=6, h=16, v=150, seed=6)
     bias[10:] = float("-inf")                                # only ids 0..9 are finite, k = 12 > 10
-    ids, lp, lse, _ = _topk(hidden, weight, bias, 12, 1.0, None, None, splits=2, block_v=64)
+    ids, lp, lse, _ = _topk(hidden, weight, bias, 12, 1.0, None, None, programs=2, block_v=64)
     z = _ref_logits(hidden, weight, bias, 1.0)
     assert_close("lse", lse, z.logsumexp(-1), 1e-6)
     assert bool(((ids[:, :10] >= 0) & (ids[:, :10] < 10)).all())
@@ -138,20 +164,31 @@ def test_minus_inf_logits():
 
 @pytest.mark.parametrize("order", ["front", "back"])
 def test_tile_skipping(order):
-    """Logits sorted by id: with the winners in the first tiles, every later tile is skipped (stale entries
-    below the k-th key must not leak); with them in the last tiles, every tile merges."""
+    """Logits sorted by id: with the winners in the first tiles, later tiles have no hits (stale entries
+    below the k-th key must not leak); with them in the last tiles, every tile fills the buffer (merged
+    after every tile, several chunks per merge)."""
     hidden, weight, _ = _problem(n=20, seed=5)
     ramp = torch.linspace(30.0, 0.0, weight.shape[0], device=DEV)
     bias = ramp if order == "front" else ramp.flip(0)
-    _run_and_check(hidden, weight, bias, 5, splits=3, block_v=64)
-    _run_and_check(hidden, weight, bias, 5, splits=3, block_v=64, method="bitonic", cand_block=2)
+    _run_and_check(hidden, weight, bias, 5, programs=3, block_v=64)
+    _run_and_check(hidden, weight, bias, 5, programs=2, group_rows=1, block_v=64, buffer=8, merge_rows=4)
+
+
+def test_cut_last_tile_and_ignored_winners():
+    """V = 1000 leaves a last tile of 40 columns; columns ≥ V and ignored ids are buffered when they beat a
+    fresh (−inf) threshold and must be dropped by the merge."""
+    hidden, weight, bias = _problem(n=19, h=32, v=1000, seed=21)
+    bias[960:] = -30.0                                        # the cut tile's real columns lose everywhere
+    ignore = list(range(0, 1000, 97))
+    bias[ignore] = 40.0
+    _run_and_check(hidden, weight, bias, 9, ignore=ignore, programs=4, group_rows=1, block_v=64)
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_inputs(dtype):
     hidden, weight, bias = _problem(n=29, h=80, v=611, seed=3, dtype=dtype)
     _run_and_check(hidden, weight, None, 20)
-    _run_and_check(hidden, weight, bias, 9, temperature=0.5, ignore=[7], splits=3, tma=True)
+    _run_and_check(hidden, weight, bias, 9, temperature=0.5, ignore=[7], programs=3, tma=True)
 
 
 def test_even_hidden_and_no_tokens():
@@ -165,7 +202,7 @@ def test_ties_prefer_lower_id():
     winners = torch.tensor([250, 17, 140, 99], device=DEV)
     weight[winners] = weight[17].clone()                  # identical rows → bitwise identical logits
     bias[winners] = 20.0
-    ids, lp, _, _ = _topk(hidden, weight, bias, 4, 1.0, None, None, splits=3, block_v=64)
+    ids, lp, _, _ = _topk(hidden, weight, bias, 4, 1.0, None, None, programs=3, block_v=64)
     assert bool((ids.cpu() == torch.tensor([17, 99, 140, 250])).all())
     assert bool((lp[:, 0] == lp[:, 3]).all())
 
@@ -197,12 +234,17 @@ def test_launcher_rejects_bad_options():
     hidden, weight, bias = _problem(n=4, h=16, v=600, seed=1)
     with pytest.raises(ValueError, match="k"):
         _topk(hidden, weight, bias, 257, 1.0, None, None)
-    with pytest.raises(ValueError, match="method"):
-        _topk(hidden, weight, bias, 5, 1.0, None, None, method="heap")
-    with pytest.raises(ValueError, match="candidate block"):
-        _topk(hidden, weight, bias, 5, 1.0, None, None, cand_block=3)
+    with pytest.raises(ValueError, match="candidate buffer"):
+        _topk(hidden, weight, bias, 5, 1.0, None, None, buffer=12)
+    with pytest.raises(ValueError, match="candidate buffer"):
+        _topk(hidden, weight, bias, 100, 1.0, None, None, buffer=64)
     with pytest.raises(ValueError, match="BV"):
-        _topk(hidden, weight, bias, 100, 1.0, None, None, method="bitonic", block_v=64)
+        _topk(hidden, weight, bias, 5, 1.0, None, None, block_v=32)
+    with pytest.raises(ValueError, match="RB"):
+        _topk(hidden, weight, bias, 5, 1.0, None, None, merge_rows=3)
+    with pytest.raises(TypeError, match="unknown teacher override"):
+        with overrides(teacher=dict(method="bitonic")):
+            TT.teacher_topk(hidden, weight, bias, None, None, 5, 1.0)
     with pytest.raises(TypeError, match="unknown override"):
         with overrides(teachers={}):
             pass
@@ -211,15 +253,16 @@ def test_launcher_rejects_bad_options():
 def test_compile_specs_cover_production_configs():
     for arch in (90, 80):
         specs = TT.compile_specs(4096, arch=arch)
-        names = {s.kernel for s in specs}
-        assert {"teacher_sweep_extract_k64", "teacher_sweep_extract_k256"} <= names
+        assert {s.kernel for s in specs} == ({f"teacher_sweep_k{k}" for k in (1, 20, 64, 128, 256)}
+                                             | {"teacher_sweep_k64_ignore", "teacher_sweep_k256_ignore"})
         for s in specs:
             assert set(s.constexprs) <= set(s.signature)
             assert all(s.signature[c] == "constexpr" for c in s.constexprs)
-            if s.kernel.startswith("teacher_sweep"):
-                assert s.has_matmul and s.signature["b_ptr"] == "*bf16"
-                tma = s.constexprs["TMA"]
-                assert tma == (arch >= 90)
-                assert s.signature["h_src"] == (f"tensordesc<bf16[{s.constexprs['BN']}, {s.constexprs['BH']}]>"
-                                                if tma else "*bf16")
-                assert s.constexprs["EXTRACT"] or s.constexprs["BV"] >= s.constexprs["KP"]
+            assert s.has_matmul and s.signature["b_ptr"] == "*bf16" and s.constexprs["HW"]
+            assert s.constexprs["HAS_IGNORE"] == s.kernel.endswith("_ignore")
+            tma = s.constexprs["TMA"]
+            assert tma == (arch >= 90)
+            assert s.signature["h_src"] == (f"tensordesc<bf16[{s.constexprs['BN']}, {s.constexprs['BH']}]>"
+                                            if tma else "*bf16")
+            c, kp = s.constexprs["C"], s.constexprs["KP"]
+            assert c >= kp and s.constexprs["CAP"] % c == 0 and s.constexprs["CAP"] >= c + s.constexprs["BV"]

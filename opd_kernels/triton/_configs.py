@@ -4,7 +4,7 @@ Production rows are fixed (no autotuning by default, as in cut-cross-entropy). E
 from; none has been timed on a GPU yet. Interpreter runs (CPU, ``TRITON_INTERPRET=1``) use small tiles so
 that small test problems still cross several tiles, blocks and splits.
 
-    with overrides(dz=dict(BV=32), programs=8, dz_block_bytes=16 * 256 * 4, teacher=dict(method="bitonic")):
+    with overrides(dz=dict(BV=32), programs=8, dz_block_bytes=16 * 256 * 4, teacher=dict(C=64)):
         ...     # every launcher in the block sees these tiles / plan limits
 """
 
@@ -29,9 +29,12 @@ STUDENT = {
         gather=dict(BK=32, BH=128, num_warps=4, num_stages=2),
         sparse=dict(BK=32, BH=128, num_warps=4, num_stages=2),
         segments=dict(BE=16, BH=256, num_warps=4, num_stages=2),
-        dz=dict(BN=128, BV=128, BH=64, BK=16, GROUP=8, num_warps=8, num_stages=3),
-        gemm_dh=dict(BM=128, BN=128, BK=64, GROUP=8, num_warps=8, num_stages=3),
-        gemm_dw=dict(BM=128, BN=128, BK=64, GROUP=8, num_warps=8, num_stages=3),
+        # blocked backward: dz 128×128 through TMA descriptors, 4 stages (232 registers; 128×256 spills
+        # 208 B in the sparse fold), GEMMs 128×256×64 in 4 stages (248 / 228 registers, 192 KiB shared),
+        # 0 spills on triton 3.6, HGMMA
+        dz=dict(BN=128, BV=128, BH=64, BK=16, GROUP=8, num_warps=8, num_stages=4, TMA=True),
+        gemm_dh=dict(BM=128, BN=256, BK=64, GROUP=8, num_warps=8, num_stages=4, TMA=True),
+        gemm_dw=dict(BM=128, BN=256, BK=64, GROUP=8, num_warps=8, num_stages=4, TMA=True),
     ),
     80: dict(
         fwd=dict(BN=128, BV=128, BH=64, num_warps=8, num_stages=3, TMA=False),
@@ -71,9 +74,9 @@ FWD_CTAS_PER_SM = {
 FWD_LIVE_ROW_BLOCKS = 16
 #: fp32 inputs of the blocked backward (``blocked_bwd``): smaller tiles for the doubled operand size.
 BLOCKED_FP32 = dict(
-    dz=dict(BN=64, BV=64, BH=32, BK=16, GROUP=8, num_warps=8, num_stages=2),
-    gemm_dh=dict(BM=64, BN=64, BK=32, GROUP=8, num_warps=4, num_stages=2),
-    gemm_dw=dict(BM=64, BN=64, BK=32, GROUP=8, num_warps=4, num_stages=2),
+    dz=dict(BN=64, BV=64, BH=32, BK=16, GROUP=8, num_warps=8, num_stages=2, TMA=False),
+    gemm_dh=dict(BM=64, BN=64, BK=32, GROUP=8, num_warps=4, num_stages=2, TMA=False),
+    gemm_dw=dict(BM=64, BN=64, BK=32, GROUP=8, num_warps=4, num_stages=2, TMA=False),
 )
 #: Interpreter tiles: many small tiles (test sizes N = 37, V = 1007, H = 90 leave remainders everywhere).
 STUDENT_INTERP = dict(
@@ -81,9 +84,9 @@ STUDENT_INTERP = dict(
     gather=dict(BK=4, BH=32, num_warps=4, num_stages=1),
     sparse=dict(BK=4, BH=32, num_warps=4, num_stages=1),
     segments=dict(BE=4, BH=32, num_warps=4, num_stages=1),
-    dz=dict(BN=16, BV=64, BH=32, BK=4, GROUP=2, num_warps=4, num_stages=1),
-    gemm_dh=dict(BM=16, BN=32, BK=32, GROUP=2, num_warps=4, num_stages=1),
-    gemm_dw=dict(BM=32, BN=32, BK=16, GROUP=2, num_warps=4, num_stages=1),
+    dz=dict(BN=16, BV=64, BH=32, BK=4, GROUP=2, num_warps=4, num_stages=1, TMA=True),   # pointers if unaligned
+    gemm_dh=dict(BM=16, BN=32, BK=32, GROUP=2, num_warps=4, num_stages=1, TMA=True),
+    gemm_dw=dict(BM=32, BN=32, BK=16, GROUP=2, num_warps=4, num_stages=1, TMA=True),
 )
 
 #: Plan limits of the blocked backward (overridable): the ``dz`` block in the input dtype and the fp32 grad_h
@@ -98,7 +101,7 @@ _OVERRIDES: dict = {}
 def overrides(**kw):
     """Temporarily override tiles and plan limits for every launcher (tests, tuning). Keys: student kernel
     names (``fwd``, ``gather``, ``sparse``, ``segments``, ``dz``, ``gemm_dh``, ``gemm_dw``) → dict of tiles;
-    ``teacher`` → dict of tiles and ``method`` / ``splits``; ``programs`` → resident programs the forward
+    ``teacher`` → dict of tiles and plan keys (``TEACHER_KEYS``); ``programs`` → resident programs the forward
     sweep's split rule plans for; ``dz_block_bytes`` / ``gh_chunk_bytes`` → plan limits. Nested scopes merge; each
     restores on exit."""
     unknown = set(kw) - (set(STUDENT_INTERP) | {"teacher", "programs"} | set(LIMITS))
@@ -200,17 +203,22 @@ def fwd_plan(n: int, vocab: int, device: torch.device, dtype=torch.bfloat16, nee
 
 # ------------------------------------------------------------------------------------------ teacher tiles
 
-#: Teacher sweep tiles per architecture family, compile-checked (``python -m opd_kernels.compile_check``) free
-#: of spills for every KP = next_pow2(k) ≤ 256 on triton 3.6; ``ctas_per_sm`` is the compiled occupancy the
-#: persistent grid is sized by. ``C``: candidate buffer per row (≥ KP); ``RB``: rows per merge step;
-#: ``group_bytes``: hidden-row bytes of one row-block group (L2). Speed unmeasured.
+#: Teacher sweep (``teacher_topk``) tiles per architecture family, compile-checked free of spills for every
+#: KP = next_pow2(k) ≤ 256, with and without an ignore list, on triton 3.6 and 3.9 (``python -m
+#: opd_kernels.compile_check --kernel teacher``; sm_90 242–245 registers on 3.6, 254–255 on 3.9; sm_80 ≤ 255).
+#: ``ctas_per_sm`` is the compiled occupancy the persistent grid is sized by; ``PART_W``: 32-column words per
+#: part of the tile's hit handling; ``group_bytes``: hidden-row bytes of one row-block group (kept in L2).
+#: sm_90: 128×256×64 TMA tiles, 4 stages (the forward sweep's main loop). sm_80: 64×128 (the pointer loads
+#: hold their addresses in registers; 128×128 spills). Speed unmeasured.
 TEACHER = {
-    90: dict(BN=128, BV=256, BH=64, num_warps=8, num_stages=3, TMA=True, ctas_per_sm=1, group_bytes=24 * 2**20),
-    80: dict(BN=128, BV=128, BH=64, num_warps=8, num_stages=3, TMA=False, ctas_per_sm=1, group_bytes=16 * 2**20),
+    90: dict(BN=128, BV=256, BH=64, PART_W=1, num_warps=8, num_stages=4, TMA=True, ctas_per_sm=1,
+             group_bytes=24 * 2**20),
+    80: dict(BN=64, BV=128, BH=64, PART_W=1, num_warps=8, num_stages=3, TMA=False, ctas_per_sm=1,
+             group_bytes=16 * 2**20),
 }
-#: Interpreter plan: small tiles and buffers, 5 programs and groups of 2 row blocks, so that test problems
-#: cross row blocks, groups, segments and buffer merges.
-TEACHER_INTERP = dict(BN=16, BV=64, BH=32, num_warps=4, num_stages=1, TMA=False, ctas_per_sm=1,
+#: Interpreter plan: small tiles, 5 programs and groups of 2 row blocks, so that test problems cross row
+#: blocks, groups, segments and buffer merges.
+TEACHER_INTERP = dict(BN=16, BV=64, BH=32, PART_W=1, num_warps=4, num_stages=1, TMA=False, ctas_per_sm=1,
                       group_bytes=0, programs=5, group_rows=2)
 #: Keys the ``teacher`` override may set (tiles, buffer, plan).
 TEACHER_KEYS = frozenset(TEACHER[90]) | {"C", "RB", "programs", "group_rows"}
@@ -218,11 +226,12 @@ TEACHER_KEYS = frozenset(TEACHER[90]) | {"C", "RB", "programs", "group_rows"}
 
 def teacher_prod_tiles(kp: int, arch: int) -> dict:
     """Production teacher plan for ``KP = next_pow2(k)`` on compute capability ``arch``: the family's tiles,
-    a candidate buffer of ``C = max(KP, 16)`` per row and ``RB = 2048 / C`` rows per merge step (a [RB, C]
-    int64 block is 16 registers per thread at 8 warps)."""
+    merge chunks of ``C = max(KP, 16)`` candidates per row (the buffer holds C plus a tile's worth) and
+    ``RB = 4096 / C`` rows per merge step (a [RB, C] int64 block is 32 registers per thread at 8 warps);
+    ``programs`` / ``group_rows`` None = chosen by ``teacher_topk.launch_plan``."""
     tiles = dict(TEACHER[arch_family(arch)])
     c = max(kp, 16)
-    tiles.update(C=c, RB=min(tiles["BN"], max(1, 2048 // c)), programs=None, group_rows=None)
+    tiles.update(C=c, RB=min(tiles["BN"], max(1, 4096 // c)), programs=None, group_rows=None)
     return tiles
 
 
@@ -234,8 +243,7 @@ def teacher_tiles(kp: int, device: torch.device) -> dict:
     if unknown:
         raise TypeError(f"unknown teacher override(s) {sorted(unknown)}; known: {sorted(TEACHER_KEYS)}")
     if interpreting(device):
-        tiles = dict(TEACHER_INTERP, C=max(kp, 8))
-        tiles["RB"] = min(tiles["BN"], 8)
+        tiles = dict(TEACHER_INTERP, C=max(kp, 32), RB=TEACHER_INTERP["BN"])
     else:
         tiles = teacher_prod_tiles(kp, device_info(device)[0])
     tiles.update(over)

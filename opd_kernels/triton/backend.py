@@ -31,12 +31,15 @@ def gather_logits(hidden, weight, bias, ids, spec):
     return gather.gather_logits(hidden, weight, bias, ids, spec.inv_tau)
 
 
-def input_grads(hidden, weight, bias, ids, lse, g, spec, need_h, need_w, need_b):
-    """Dense variants: ``blocked_bwd`` (dz blocks with the sparse part folded in, three GEMMs per block).
-    Without a dense part (``lse`` None): ``sparse_bwd``, K gathered rows per token."""
+def input_grads(hidden, weight, bias, ids, lse, g, spec, need_h, need_w, need_b, skipped=None):
+    """Dense variants: ``blocked_bwd`` (dz blocks with the sparse part folded in, three GEMMs per block,
+    filtered tiles skipped). Without a dense part (``lse`` None): ``sparse_bwd``, K gathered rows per token
+    (no vocabulary tiles: ``skipped`` receives 0)."""
     if lse is not None:
         return blocked_bwd.input_grads(hidden, weight, bias, ids, lse, g, spec.inv_tau, need_h, need_w, need_b,
-                                       spec.filter_eps)
+                                       spec.filter_eps, skipped)
+    if skipped is not None:
+        skipped.fill_(0.0)
     gs = (g * spec.inv_tau).contiguous()
     f32 = dict(dtype=torch.float32, device=hidden.device)
     grad_w = torch.zeros_like(weight) if need_w else None

@@ -12,8 +12,11 @@ Design (the static review's §7c). The rows are cut into chunks of ``Nr`` and th
    writes ``dz`` for the block in the input dtype, **with the sparse terms folded in**: each row's slots are
    sorted by id once per backward, so the slots falling in a tile's columns are one contiguous run per row,
    found by counting and added with ``tl.where`` (duplicated ids add twice, as they should). It also writes
-   a per-tile "non-zero" flag (tiles whose dense part is filtered and hold no sparse entry are skipped by
-   both GEMMs) and per-row-tile fp32 column sums for grad_b.
+   a per-tile "non-zero" flag and per-row-tile fp32 column sums for grad_b. Filtering: a tile's dense part
+   is dropped when every element is below ``filter_eps`` relative to its row's gradient scale
+   (:func:`filter_thresholds`, default 2⁻¹² for 16-bit inputs as in cut-cross-entropy, 2⁻³⁰ for fp32);
+   tiles left all zero (no teacher slot in them either) are skipped by both GEMMs through per-row lists of
+   live tiles (``_live_lists_kernel``), and ``skipped_tile_fraction`` reports how many.
 2. ``grad_h[r] (+)= dz · W_v`` and 3. ``grad_W[v] (+)= dzᵀ · h_r``: two plain tiled GEMMs
    (``_gemm_acc_kernel``, fp32 accumulation, each output tile owned by one program: a read-modify-write, no
    atomic). grad_h accumulates over the vocabulary blocks in an fp32 ``[Nr, H]`` chunk (or directly in the
@@ -40,7 +43,7 @@ import triton
 import triton.language as tl
 
 from . import _configs
-from ._common import TL_DTYPE, alloc, dot_precision, launch_kw, logit_tile
+from ._common import TL_DTYPE, alloc, device_info, dot_precision, interpreting, launch_kw, logit_tile
 from ._compile import CompileSpec
 
 
@@ -57,22 +60,22 @@ def _grouped_tile(pid, n_tiles_m, n_tiles_n, GROUP: tl.constexpr):
 
 @triton.jit
 def _dz_kernel(
-    # pointers
-    h_ptr, w_ptr, b_ptr, lse_ptr, c_ptr, ids_ptr, gs_ptr, dz_ptr, flag_ptr, gb_ptr,
+    # pointers (h_src / w_src: tensor descriptors with blocks [BN, BH] / [BV, BH] when TMA, else pointers)
+    h_src, w_src, b_ptr, lse_ptr, c_ptr, thr_ptr, ids_ptr, gs_ptr, dz_ptr, flag_ptr, gb_ptr,
     # sizes and scalars
-    H, K, inv_tau, filter_eps,
+    H, K, inv_tau,
     # launch plan: the block's first row / column, its extent, the dz and flag row strides
     row0, col0, n_rows, n_cols, dz_stride, flag_stride,
     # constexpr flags
     HAS_BIAS: tl.constexpr, DENSE: tl.constexpr, SPARSE: tl.constexpr, COMPUTE_DB: tl.constexpr,
-    FILTER: tl.constexpr,
+    FILTER: tl.constexpr, TMA: tl.constexpr,
     # tiles
     BN: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr,
     DOT_PREC: tl.constexpr,
 ):
     """dz [BN, BV] of one tile of the block rows [row0, row0 + n_rows) × columns [col0, col0 + n_cols):
-    ``−c π / τ`` (zeroed when every π of rows with c ≠ 0 is below ``filter_eps``) plus the row's sorted
-    slots whose ids fall in the tile. Writes dz (input dtype), the tile's flag (1 = non-zero) and its fp32
+    ``−c π / τ`` (zeroed when every π_nj of the tile is below its row's threshold ``thr_n``, see
+    :func:`filter_thresholds`) plus the row's sorted slots whose ids fall in the tile. Writes dz (input dtype), the tile's flag (1 = non-zero) and its fp32
     column sums (``gb_ptr[tile_m, col]``)."""
     n_tiles_m = tl.cdiv(n_rows, BN)
     n_tiles_n = tl.cdiv(n_cols, BV)
@@ -85,17 +88,31 @@ def _dz_kernel(
     offs_v = col0 + offs_c.to(tl.int64)                                                 # [BV] vocabulary ids
     dz = tl.zeros([BN, BV], dtype=tl.float32)                                           # [BN, BV]
     if DENSE:
-        z = logit_tile(h_ptr, w_ptr, b_ptr, offs_n, mask_n, offs_v, mask_v, H, inv_tau,
-                       HAS_BIAS, BN, BV, BH, DOT_PREC)                                  # [BN, BV]
         lse = tl.load(lse_ptr + offs_n, mask=mask_n, other=float("inf"))               # exp(z − lse) = 0 beyond
-        c = tl.load(c_ptr + offs_n, mask=mask_n, other=0.0)
-        # padding must give exactly 0 (an overflowing exp would poison the GEMMs through 0·inf)
-        p = tl.where(mask_n[:, None] & mask_v[None, :], tl.exp(z - lse[:, None]), 0.0)   # [BN, BV]
-        if FILTER:
-            keep = tl.max(tl.max(tl.where(c[:, None] != 0.0, p, 0.0), axis=1), axis=0) >= filter_eps
-            dz = tl.where(keep, p * (-c * inv_tau)[:, None], 0.0)
+        coef = -tl.load(c_ptr + offs_n, mask=mask_n, other=0.0) * inv_tau               # [BN] −c / τ
+        if TMA:
+            # descriptors zero-fill beyond N / V. Padding must give exactly π = 0 (an overflowing exp would
+            # poison the GEMMs through 0·inf): rows outside the block have lse = +inf, columns a −inf logit
+            # (a [BV] term, not a [BN, BV] select: this keeps the 128×256 tile free of spills)
+            acc = tl.zeros([BN, BV], dtype=tl.float32)
+            for k0 in range(0, H, BH):
+                h_tile = h_src.load([row0 + tile_m * BN, k0])                          # [BN, BH]
+                w_tile = w_src.load([col0 + tile_n * BV, k0]).T                        # [BH, BV]
+                acc = tl.dot(h_tile, w_tile, acc, input_precision=DOT_PREC)
+            col = tl.where(mask_v, 0.0, float("-inf"))                                  # [BV]
+            if HAS_BIAS:
+                col += tl.load(b_ptr + offs_v, mask=mask_v, other=0.0).to(tl.float32) * inv_tau
+            p = tl.exp(acc * inv_tau + col[None, :] - lse[:, None])                    # [BN, BV]
         else:
-            dz = p * (-c * inv_tau)[:, None]
+            z = logit_tile(h_src, w_src, b_ptr, offs_n, mask_n, offs_v, mask_v, H, inv_tau,
+                           HAS_BIAS, BN, BV, BH, DOT_PREC)                              # [BN, BV]
+            p = tl.where(mask_n[:, None] & mask_v[None, :], tl.exp(z - lse[:, None]), 0.0)   # [BN, BV]
+        if FILTER:
+            thr = tl.load(thr_ptr + offs_n, mask=mask_n, other=float("inf"))          # inf where c = 0
+            keep = tl.max(tl.max(p - thr[:, None], axis=1), axis=0) >= 0.0
+            dz = tl.where(keep, p * coef[:, None], 0.0)
+        else:
+            dz = p * coef[:, None]
     if SPARSE:
         # each row's slots are sorted by id (invalid slots hold -1, first): the ones in [lo, hi) are the run
         # [start, end) with start = #(ids < lo), end = #(ids < hi)
@@ -157,15 +174,16 @@ def _live_lists_kernel(
 
 @triton.jit
 def _gemm_acc_kernel(
-    # pointers: out = (acc +) a · b over the live k tiles of a
-    a_ptr, b_ptr, acc_ptr, out_ptr, live_ptr, n_live_ptr,
+    # pointers: out = (acc +) a · b over the live k tiles of a (a_src / b_src: tensor descriptors when TMA,
+    # with blocks [BM, BK] (row-major a) or [BK, BM] (column-major a, loaded transposed) and [BK, BN])
+    a_src, b_src, acc_ptr, out_ptr, live_ptr, n_live_ptr,
     # sizes: a [M, KD], b [KD, NN], acc / out [M, NN]
     M, NN, KD,
     # strides (elements): a's non-unit stride, b's row stride, acc / out row strides, live-list row stride
     stride_a, stride_b, stride_acc, stride_out, live_stride,
     # constexpr flags
     A_COL_MAJOR: tl.constexpr, ACCUMULATE: tl.constexpr, SKIP: tl.constexpr, FLAG_M: tl.constexpr,
-    FLAG_K: tl.constexpr,
+    FLAG_K: tl.constexpr, TMA: tl.constexpr,
     # tiles
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
@@ -175,6 +193,8 @@ def _gemm_acc_kernel(
     (``a_ptr[m + k·stride_a]``, a transposed view); ``b`` and ``acc`` / ``out`` are row-major with unit column
     stride. The layout is a constexpr, not a runtime stride, so that the contiguous axis is known when the
     kernel compiles and the loads vectorize and pipeline; in-tile offsets are 32-bit, k offsets 64-bit.
+    With TMA (sm_90) the operands load through tensor descriptors (zero-filled out of bounds, no address
+    registers, and no per-step proxy fence between register-staged loads and wgmma).
 
     With SKIP, a is zero outside a set of (FLAG_M × FLAG_K) flag tiles (FLAG_M % BM == 0, FLAG_K % BK == 0):
     the program reads its flag row's live k tiles from ``live_ptr[row, :n_live_ptr[row]]`` (ascending) and
@@ -186,34 +206,43 @@ def _gemm_acc_kernel(
     offs_k = tl.arange(0, BK)                                                           # [BK]
     mask_m = offs_m < M
     mask_nn = offs_nn < NN
-    if A_COL_MAJOR:
-        a_tile = a_ptr + offs_m[:, None] + offs_k[None, :] * stride_a                   # [BM, BK]
-        a_kstride = stride_a.to(tl.int64)
-    else:
-        a_tile = a_ptr + offs_m[:, None] * stride_a + offs_k[None, :]                   # [BM, BK]
-        a_kstride = 1
-    b_tile = b_ptr + offs_k[:, None] * stride_b + offs_nn[None, :]                      # [BK, BN]
-    b_kstride = stride_b.to(tl.int64)                                                   # k0·stride may pass 2³¹
+    if not TMA:
+        if A_COL_MAJOR:
+            a_tile = a_src + offs_m[:, None] + offs_k[None, :] * stride_a               # [BM, BK]
+            a_kstride = stride_a.to(tl.int64)
+        else:
+            a_tile = a_src + offs_m[:, None] * stride_a + offs_k[None, :]               # [BM, BK]
+            a_kstride = 1
+        b_tile = b_src + offs_k[:, None] * stride_b + offs_nn[None, :]                  # [BK, BN]
+        b_kstride = stride_b.to(tl.int64)                                               # k0·stride may pass 2³¹
     SUB: tl.constexpr = FLAG_K // BK
     if SKIP:
         flag_row = (tile_m * BM // FLAG_M).to(tl.int64)
         n_steps = tl.load(n_live_ptr + flag_row) * SUB
     else:
         n_steps = tl.cdiv(KD, BK)
-    acc = tl.zeros([BM, BN], dtype=tl.float32)                                          # [BM, BN]
+    mask = mask_m[:, None] & mask_nn[None, :]
+    rows = offs_m.to(tl.int64)[:, None]
+    if ACCUMULATE:       # start from the running sum: no second [BM, BN] register tile in the epilogue
+        acc = tl.load(acc_ptr + rows * stride_acc + offs_nn[None, :], mask=mask, other=0.0).to(tl.float32)
+    else:
+        acc = tl.zeros([BM, BN], dtype=tl.float32)                                      # [BM, BN]
     for i in range(0, n_steps):
         if SKIP:
             k0 = tl.load(live_ptr + flag_row * live_stride + i // SUB) * FLAG_K + (i % SUB) * BK
         else:
             k0 = i * BK
-        mask_k = offs_k < KD - k0
-        a = tl.load(a_tile + k0 * a_kstride, mask=mask_m[:, None] & mask_k[None, :], other=0.0)    # [BM, BK]
-        b = tl.load(b_tile + k0 * b_kstride, mask=mask_k[:, None] & mask_nn[None, :], other=0.0)   # [BK, BN]
+        if TMA:
+            if A_COL_MAJOR:
+                a = a_src.load([k0, tile_m * BM]).T                                     # [BM, BK]
+            else:
+                a = a_src.load([tile_m * BM, k0])                                       # [BM, BK]
+            b = b_src.load([k0, tile_n * BN])                                           # [BK, BN]
+        else:
+            mask_k = offs_k < KD - k0
+            a = tl.load(a_tile + k0 * a_kstride, mask=mask_m[:, None] & mask_k[None, :], other=0.0)  # [BM, BK]
+            b = tl.load(b_tile + k0 * b_kstride, mask=mask_k[:, None] & mask_nn[None, :], other=0.0)  # [BK, BN]
         acc = tl.dot(a, b, acc, input_precision=DOT_PREC)
-    mask = mask_m[:, None] & mask_nn[None, :]
-    rows = offs_m.to(tl.int64)[:, None]
-    if ACCUMULATE:
-        acc += tl.load(acc_ptr + rows * stride_acc + offs_nn[None, :], mask=mask, other=0.0).to(tl.float32)
     tl.store(out_ptr + rows * stride_out + offs_nn[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -239,38 +268,69 @@ def plan(n: int, vocab: int, hdim: int, dtype, device: torch.device, arch: int |
     return dict(rows=rows, cols=cols, dz=dz_cfg, gemm_dh=dh_cfg, gemm_dw=dw_cfg)
 
 
+def _tma_ok(*tensors) -> bool:
+    """Tensor descriptors need 16-byte aligned bases and row strides (and unit inner strides)."""
+    return all(t.stride(-1) == 1 and t.data_ptr() % 16 == 0 and (t.stride(0) * t.element_size()) % 16 == 0
+               for t in tensors)
+
+
 def default_filter_eps(dtype) -> float:
-    """Skip threshold on π (relative dense gradient): dtype epsilon × 2⁻¹⁶ (bf16 2⁻²³, fp32 2⁻³⁹)."""
-    return torch.finfo(dtype).eps * 2.0 ** -16
+    """Relative skip threshold (see :func:`filter_thresholds`): 2⁻¹² for 16-bit inputs (the class of
+    cut-cross-entropy's bf16 filter: a skipped element is below 1/32 of a bf16 ulp of the row's gradient
+    scale), 2⁻³⁰ for fp32 (effectively exact)."""
+    return 2.0 ** -30 if dtype == torch.float32 else 2.0 ** -12
 
 
-def _gemm(a, b, acc, out, live, flag_tile, accumulate: bool, cfg: dict, prec: str):
+def filter_thresholds(g, c, eps: float):
+    """Per row, the π below which a dense gradient element ``|c_n| π_nj / τ`` is dropped: relative to the
+    row's gradient scale ``s_n = (max_k |g_nk| + |c_n|) / τ`` (a bound on every ``|dz_nj|`` of the row),
+    ``|c_n| π_nj < eps · s_n``, i.e. ``π_nj < thr_n = eps (max_k |g_nk| + |c_n|) / |c_n|`` (``inf`` where
+    ``c_n = 0``: no dense part). A tile is skipped when every element is below its row's threshold.
+
+    Error bound: every dropped element of ``dz`` is below ``eps · s_n``; the change of a gradient row
+    ``grad_h_n`` is at most ``(|c_n| / τ) · m_n · max_j ‖W_j‖`` where ``m_n ≤ Σ_(skipped j) π_nj`` is the
+    dropped probability mass (tested against float64 in ``tests/test_triton_student.py``)."""
+    scale = g.abs().amax(-1) + c.abs()
+    return torch.where(c != 0, eps * scale / c.abs(), torch.full_like(c, float("inf")))
+
+
+def _gemm(a, b, acc, out, live, flag_tile, accumulate: bool, cfg: dict, prec: str, tma: bool):
     """``out = (acc +) a @ b`` for 2-D views: ``a`` row-major or a transposed (column-major) view, ``b``,
     ``acc`` and ``out`` with unit column stride. ``live``: None, or (live k tiles [rows, ≥ tiles], counts
-    [rows]) per flag row of ``a`` (``_live_lists_kernel``)."""
+    [rows]) per flag row of ``a`` (``_live_lists_kernel``). ``tma``: load a and b through tensor
+    descriptors (when the tiles ask for it and every operand is 16-byte aligned)."""
     m, kd = a.shape
     nn = b.shape[1]
     col_major = a.stride(0) == 1 and a.stride(1) != 1
     assert b.stride(1) == 1 and out.stride(1) == 1 and (acc is None or acc.stride(1) == 1)
     assert col_major or a.stride(1) == 1
-    grid = (triton.cdiv(m, cfg["BM"]) * triton.cdiv(nn, cfg["BN"]),)
+    bm, bn, bk = cfg["BM"], cfg["BN"], cfg["BK"]
+    base = a.t() if col_major else a                           # the row-major storage of a
+    tma = tma and bool(cfg.get("TMA")) and _tma_ok(base, b)
+    if tma:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+        a_src = TensorDescriptor.from_tensor(base, [bk, bm] if col_major else [bm, bk])
+        b_src = TensorDescriptor.from_tensor(b, [bk, bn])
+    else:
+        a_src, b_src = a, b
+    grid = (triton.cdiv(m, bm) * triton.cdiv(nn, bn),)
     order, count = live if live is not None else (out, out)
     _gemm_acc_kernel[grid](
-        a, b, acc if acc is not None else out, out, order, count,
+        a_src, b_src, acc if acc is not None else out, out, order, count,
         m, nn, kd, a.stride(1) if col_major else a.stride(0), b.stride(0),
         (acc if acc is not None else out).stride(0), out.stride(0), order.stride(0) if live is not None else 0,
         A_COL_MAJOR=col_major, ACCUMULATE=accumulate, SKIP=live is not None, FLAG_M=flag_tile[0],
-        FLAG_K=flag_tile[1], BM=cfg["BM"], BN=cfg["BN"], BK=cfg["BK"], GROUP=cfg["GROUP"], DOT_PREC=prec,
-        **launch_kw(cfg))
+        FLAG_K=flag_tile[1], TMA=tma, BM=bm, BN=bn, BK=bk, GROUP=cfg["GROUP"], DOT_PREC=prec, **launch_kw(cfg))
 
 
 def input_grads(hidden, weight, bias, ids, lse, g, inv_tau: float, need_h: bool, need_w: bool,
-                need_b: bool, filter_eps: float | None):
+                need_b: bool, filter_eps: float | None, skipped=None):
     """``(grad_h [N, H] input dtype | None, grad_W [V, H] weight dtype | None, grad_b [V] bias dtype | None)``.
 
     ``ids [N, K]`` int64 (-1 at invalid slots), ``g [N, K]`` fp32 slot coefficients with the upstream
     gradient folded in (0 at invalid slots), ``lse [N]`` fp32. ``filter_eps``: None =
-    :func:`default_filter_eps`, 0 = no filtering.
+    :func:`default_filter_eps`, 0 = no filtering. ``skipped``: a 0-dim float32 that receives the fraction of
+    (row × vocabulary) tiles both GEMMs skipped, or None.
 
     Extra memory: ``c`` [N] and the row-sorted slots (int32 ids + fp32 g/τ, N·K·8 B; the sort's int64
     permutation, N·K·8 B more, lives only before the blocks start), one dz block, one fp32 grad_h chunk,
@@ -289,6 +349,8 @@ def input_grads(hidden, weight, bias, ids, lse, g, inv_tau: float, need_h: bool,
         if grad_w is not None:
             grad_w.zero_()
     if n == 0 or not (need_h or need_w or need_b):
+        if skipped is not None:
+            skipped.fill_(0.0)
         return grad_h, grad_w, None if gb32 is None else gb32.to(bias.dtype)
 
     p = plan(n, vocab, hdim, dtype, dev)
@@ -298,11 +360,21 @@ def input_grads(hidden, weight, bias, ids, lse, g, inv_tau: float, need_h: bool,
     filtering = filter_eps > 0
     k = ids.shape[1]
     c = g.sum(-1)                                                  # [N] dense coefficient
+    thr = filter_thresholds(g, c, filter_eps) if filtering else c
+    live_tiles = torch.zeros((), dtype=torch.int64, device=dev) if (skipped is not None and filtering) else None
+    total_tiles = 0
     sorted_ids, order = torch.sort(ids, dim=1)                     # per row, by id (invalid -1 first)
     sorted_ids = sorted_ids.to(torch.int32)
     sorted_gs = torch.gather(g, 1, order).mul_(inv_tau)            # g / τ in the same order
     del order
 
+    tma_ok = interpreting(dev) or device_info(dev)[0] >= 90          # descriptors: sm_90 and the interpreter
+    tma = bool(dz_cfg.get("TMA")) and tma_ok and _tma_ok(hidden, weight)
+    h_src, w_src = hidden, weight
+    if tma:
+        from triton.tools.tensor_descriptor import TensorDescriptor
+        h_src = TensorDescriptor.from_tensor(hidden, [bn, dz_cfg["BH"]])
+        w_src = TensorDescriptor.from_tensor(weight, [bv, dz_cfg["BH"]])
     dz = torch.empty((rows, cols), dtype=dtype, device=dev)
     flags = torch.empty((triton.cdiv(rows, bn), triton.cdiv(cols, bv)), dtype=torch.int32, device=dev) \
         if filtering else None
@@ -323,14 +395,17 @@ def input_grads(hidden, weight, bias, ids, lse, g, inv_tau: float, need_h: bool,
             nc = min(cols, vocab - v0)
             tiles_m, tiles_n = triton.cdiv(nr, bn), triton.cdiv(nc, bv)
             _dz_kernel[(tiles_m * tiles_n,)](
-                hidden, weight, bias if bias is not None else hidden, lse, c, sorted_ids, sorted_gs, dz,
+                h_src, w_src, bias if bias is not None else hidden, lse, c, thr, sorted_ids, sorted_gs, dz,
                 flags if flags is not None else dz, gb_part if gb_part is not None else dz,
-                hdim, k, float(inv_tau), float(filter_eps), r0, v0, nr, nc, cols,
+                hdim, k, float(inv_tau), r0, v0, nr, nc, cols,
                 flags.stride(0) if flags is not None else 0,
-                HAS_BIAS=bias is not None, DENSE=True, SPARSE=True, COMPUTE_DB=need_b, FILTER=filtering,
+                HAS_BIAS=bias is not None, DENSE=True, SPARSE=True, COMPUTE_DB=need_b, FILTER=filtering, TMA=tma,
                 BN=bn, BV=bv, BH=dz_cfg["BH"], BK=min(dz_cfg["BK"], triton.next_power_of_2(k)),
                 GROUP=dz_cfg["GROUP"], DOT_PREC=prec, **launch_kw(dz_cfg))
             dz_blk = dz[:nr, :nc]
+            total_tiles += tiles_m * tiles_n
+            if live_tiles is not None:
+                live_tiles += flags[:tiles_m, :tiles_n].count_nonzero()
             if flags is not None:
                 _live_lists_kernel[(tiles_m + tiles_n,)](
                     flags, live_h, n_live_h, live_w, n_live_w, tiles_m, tiles_n, flags.stride(0),
@@ -344,12 +419,17 @@ def input_grads(hidden, weight, bias, ids, lse, g, inv_tau: float, need_h: bool,
                 acc = None if j == 0 else (gh_acc[:nr] if gh_acc is not None else grad_h[r0:r0 + nr])
                 out = grad_h[r0:r0 + nr] if (last or gh_acc is None) else gh_acc[:nr]
                 _gemm(dz_blk, weight[v0:v0 + nc], acc, out, None if flags is None else (live_h, n_live_h), (bn, bv),
-                      j > 0, p["gemm_dh"], prec)
+                      j > 0, p["gemm_dh"], prec, tma_ok)
             if need_w:
                 # grad_W[v] (+)= dzᵀ · h_r: accumulated over row chunks in the weight dtype
                 out = grad_w[v0:v0 + nc]
                 _gemm(dz_blk.t(), h_r, out if r0 > 0 else None, out, None if flags is None else (live_w, n_live_w),
-                      (bv, bn), r0 > 0, p["gemm_dw"], prec)
+                      (bv, bn), r0 > 0, p["gemm_dw"], prec, tma_ok)
+    if skipped is not None:
+        if live_tiles is None:
+            skipped.fill_(0.0)
+        else:
+            skipped.copy_(1.0 - live_tiles.float() / total_tiles)
     return grad_h, grad_w, None if gb32 is None else gb32.to(bias.dtype)
 
 
@@ -367,11 +447,15 @@ def _specs(hidden_size, arch, dtype, allow_tf32, suffix):
     plan_ = plan(PRODUCTION_SHAPE["N"], PRODUCTION_SHAPE["V"], hidden_size, dtype, torch.device("cuda"), arch=arch)
     rows, cols = plan_["rows"], plan_["cols"]
     ftm, ftn = triton.cdiv(rows, d["BN"]), triton.cdiv(cols, d["BV"])
+    tma = bool(d.get("TMA"))
+    t = TL_DTYPE[dtype]
     specs = [CompileSpec(
         kernel=f"student_bwd_dz{suffix}", fn=_dz_kernel,
-        constexprs=dict(HAS_BIAS=True, DENSE=True, SPARSE=True, COMPUTE_DB=True, FILTER=True, DOT_PREC=prec,
-                        **dz_tiles),
-        pointers=dict(h_ptr=pt, w_ptr=pt, b_ptr=pt, ids_ptr="*i32", dz_ptr=pt, flag_ptr="*i32"),
+        constexprs=dict(HAS_BIAS=True, DENSE=True, SPARSE=True, COMPUTE_DB=True, FILTER=True, TMA=tma,
+                        DOT_PREC=prec, **dz_tiles),
+        pointers=dict(h_src=f"tensordesc<{t}[{d['BN']}, {d['BH']}]>" if tma else pt,
+                      w_src=f"tensordesc<{t}[{d['BV']}, {d['BH']}]>" if tma else pt, b_ptr=pt, ids_ptr="*i32",
+                      dz_ptr=pt, flag_ptr="*i32"),
         scalars=dict(row0=0, col0=0, n_rows=rows, n_cols=cols, dz_stride=cols, flag_stride=ftn),
         num_warps=d["num_warps"], num_stages=d["num_stages"], has_matmul=has_matmul,
         config=dict(dtype=TL_DTYPE[dtype], dot=prec, **dz_tiles, num_warps=d["num_warps"],
@@ -386,20 +470,25 @@ def _specs(hidden_size, arch, dtype, allow_tf32, suffix):
     for name, out in (("gemm_dh", "*fp32"), ("gemm_dw", pt)):
         g = _configs.student_prod_tiles(name, arch, dtype, allow_tf32)
         tiles = dict(BM=g["BM"], BN=g["BN"], BK=g["BK"], GROUP=g["GROUP"])
+        gtma = bool(g.get("TMA"))
         if name == "gemm_dh":      # dz [rows, cols] · W_v [cols, H] → fp32 grad_h chunk [rows, H]
             flag, col_major = (d["BN"], d["BV"]), False
+            a_block = (g["BM"], g["BK"])
             scalars = dict(M=rows, NN=hidden_size, KD=cols, stride_a=cols, stride_b=hidden_size,
                            stride_acc=hidden_size, stride_out=hidden_size, live_stride=ftn)
         else:                      # dzᵀ [cols, rows] (column-major view) · h_r [rows, H] → grad_W [cols, H]
             flag, col_major = (d["BV"], d["BN"]), True
+            a_block = (g["BK"], g["BM"])
             scalars = dict(M=cols, NN=hidden_size, KD=rows, stride_a=cols, stride_b=hidden_size,
                            stride_acc=hidden_size, stride_out=hidden_size, live_stride=ftm)
         for skip in (False, True):
             specs.append(CompileSpec(
                 kernel=f"student_bwd_{name}{'_skip' if skip else ''}{suffix}", fn=_gemm_acc_kernel,
                 constexprs=dict(A_COL_MAJOR=col_major, ACCUMULATE=True, SKIP=skip, FLAG_M=flag[0],
-                                FLAG_K=flag[1], DOT_PREC=prec, **tiles),
-                pointers=dict(a_ptr=pt, b_ptr=pt, acc_ptr=out, out_ptr=out, live_ptr="*i32", n_live_ptr="*i32"),
+                                FLAG_K=flag[1], TMA=gtma, DOT_PREC=prec, **tiles),
+                pointers=dict(a_src=(f"tensordesc<{t}[{a_block[0]}, {a_block[1]}]>" if gtma else pt),
+                              b_src=(f"tensordesc<{t}[{g['BK']}, {g['BN']}]>" if gtma else pt),
+                              acc_ptr=out, out_ptr=out, live_ptr="*i32", n_live_ptr="*i32"),
                 scalars=scalars, num_warps=g["num_warps"], num_stages=g["num_stages"], has_matmul=has_matmul,
                 config=dict(dtype=TL_DTYPE[dtype], dot=prec, **tiles, num_warps=g["num_warps"],
                             num_stages=g["num_stages"], H=hidden_size)))
