@@ -86,8 +86,16 @@ def test_no_fences_in_loss_or_teacher_kernels(check):
     problems = [f"{_name(r)}: {r['gpu_fences']} GPU-scope fences, {r['fences_in_hot_loops']} fences in hot loops "
                 f"({r['fences']} in all: {r['fence_ops']})"
                 for r in rows if r["kernel"].startswith(LOSS_OR_TEACHER)
-                and (r["gpu_fences"] or r["fences_in_hot_loops"])]
+                and (r["gpu_fences"] or (r["fences_in_hot_loops"] and not _tf32_gradient_gemm(r)))]
     assert not problems, "\n".join(problems)
+
+
+def _tf32_gradient_gemm(row) -> bool:
+    """The one allowed CTA-scope fence per K step: the blocked backward's gradient GEMMs with fp32 inputs and
+    TF32 dots (opt-in through ``torch.backends.cuda.matmul.allow_tf32``, not the bf16 production path). Their
+    B operand (``W_v`` or ``h_r``, ``[K, N]`` row-major) is N-major, which TF32 wgmma cannot read from shared
+    memory, so Triton stages it through registers with a proxy fence per step (triton ≥ 3.9; 3.6 hides it)."""
+    return row["kernel"].startswith("student_bwd_gemm_") and row["config"].get("dot") == "tf32"
 
 
 def test_tile_matmuls_on_tensor_cores(check):

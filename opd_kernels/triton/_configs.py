@@ -29,10 +29,10 @@ STUDENT = {
         gather=dict(BK=32, BH=128, num_warps=4, num_stages=2),
         sparse=dict(BK=32, BH=128, num_warps=4, num_stages=2),
         segments=dict(BE=16, BH=256, num_warps=4, num_stages=2),
-        # blocked backward: dz 128×128 through TMA descriptors, 4 stages (232 registers; 128×256 spills
-        # 208 B in the sparse fold), GEMMs 128×256×64 in 4 stages (248 / 228 registers, 192 KiB shared),
-        # 0 spills on triton 3.6, HGMMA
-        dz=dict(BN=128, BV=128, BH=64, BK=16, GROUP=8, num_warps=8, num_stages=4, TMA=True),
+        # blocked backward: dz 128×128 through TMA descriptors, 4 stages, ids counted 8 at a time (200
+        # registers on triton 3.6, 188 on 3.9; BK = 16 spills 8 B on 3.9, 128×256 spills 208 B in the sparse
+        # fold), GEMMs 128×256×64 through TMA in 4 stages (220 / 212 registers, 192 KiB shared), HGMMA
+        dz=dict(BN=128, BV=128, BH=64, BK=8, GROUP=8, num_warps=8, num_stages=4, TMA=True),
         gemm_dh=dict(BM=128, BN=256, BK=64, GROUP=8, num_warps=8, num_stages=4, TMA=True),
         gemm_dw=dict(BM=128, BN=256, BK=64, GROUP=8, num_warps=8, num_stages=4, TMA=True),
     ),
@@ -73,10 +73,14 @@ FWD_CTAS_PER_SM = {
 #: BN = 128, H = 4096, bf16) are re-read once per vocabulary tile and must stay in L2.
 FWD_LIVE_ROW_BLOCKS = 16
 #: fp32 inputs of the blocked backward (``blocked_bwd``): smaller tiles for the doubled operand size.
+#: fp32 GEMMs: 8 warps × BK = 16 (4 warps or BK = 32 spill on sm_80 under triton 3.6 or 3.9). The TF32 dz kernel
+#: loads through tensor descriptors on sm_90 (both operands K-major); the TF32 gradient GEMMs keep pointers:
+#: their B operand is N-major, which TF32 wgmma cannot read from shared memory, so Triton stages it through
+#: registers either way. Full-precision fp32 dots run on FMA units from registers (pointers).
 BLOCKED_FP32 = dict(
     dz=dict(BN=64, BV=64, BH=32, BK=16, GROUP=8, num_warps=8, num_stages=2, TMA=False),
-    gemm_dh=dict(BM=64, BN=64, BK=32, GROUP=8, num_warps=4, num_stages=2, TMA=False),
-    gemm_dw=dict(BM=64, BN=64, BK=32, GROUP=8, num_warps=4, num_stages=2, TMA=False),
+    gemm_dh=dict(BM=64, BN=64, BK=16, GROUP=8, num_warps=8, num_stages=2, TMA=False),
+    gemm_dw=dict(BM=64, BN=64, BK=16, GROUP=8, num_warps=8, num_stages=3, TMA=False),
 )
 #: Interpreter tiles: many small tiles (test sizes N = 37, V = 1007, H = 90 leave remainders everywhere).
 STUDENT_INTERP = dict(
@@ -126,6 +130,7 @@ def student_prod_tiles(kernel: str, arch: int, dtype=torch.bfloat16, allow_tf32=
     tiles = dict(STUDENT[family][kernel])
     if dtype == torch.float32 and kernel in BLOCKED_FP32:
         tiles.update(BLOCKED_FP32[kernel])
+        tiles["TMA"] = kernel == "dz" and family >= 90 and dot_precision(dtype, allow_tf32) == "tf32"
     if dtype == torch.float32 and kernel == "fwd":
         tiles.update(STUDENT_FWD_FP32[(family, dot_precision(dtype, allow_tf32))])
     return tiles

@@ -26,11 +26,13 @@ Design (the static review's §7c). The rows are cut into chunks of ``Nr`` and th
 
 Why this design: every reduction is owned, so there is no atomic (no fence, no contention) and the result
 is deterministic by construction (the ``deterministic`` option costs nothing); the extra memory is bounded by
-the plan limits, independent of V: one ``dz`` block (``dz_block_bytes``, 32 MiB) + one fp32 grad_h chunk
-(``gh_chunk_bytes``, 32 MiB) + the row-sorted slots (N·K·8 B) + ``[V]`` fp32 grad_b. The cost is three
-GEMM-equivalents (recompute + two gradients), all on tensor cores, plus the ``dz`` block round trip
-(written once, read twice, L2-sized), against a fused design whose per-tile global reductions cost several
-GEMM-equivalents of L2 traffic and need atomics.
+the plan limits, independent of V: one ``dz`` block (``dz_block_bytes``, 30 MiB) + one fp32 grad_h chunk
+(``gh_chunk_bytes``, 30 MiB) + the row-sorted slots (N·K·8 B) + O(N) vectors + ``[V]`` fp32 grad_b with a bias
+(``tests/test_memory_plan.py`` accounts every allocation at full size). The cost is three
+GEMM-equivalents (recompute + two gradients), all on tensor cores (TMA descriptor loads on sm_90), plus the
+``dz`` block round trip (written once, read twice), against a fused design whose per-tile global reductions
+cost several GEMM-equivalents of L2 traffic and need atomics. The dz tile stays 128×128: at 128×256 the
+sparse fold spills (208 B on triton 3.6).
 
 Variants without a dense part (``renorm``) do not come here: their gradient is K gathered rows per token
 (``sparse_bwd``), far cheaper than three vocabulary GEMMs.
