@@ -5,7 +5,7 @@ gradient with respect to the student logits ``z = (h Wᵀ + b) / τ`` of one tok
 
     ∂ℓ/∂z_j = Σ_k g_k [j = id_k]  −  c π_j,        c = Σ_k g_k,        π = softmax(z)
 
-(see ``DESIGN.md`` section 2). ``c = Σ_k g_k`` holds for every variant because ℓ depends on z only
+(``reference/losses.py`` is the spec of each variant). ``c = Σ_k g_k`` holds for every variant because ℓ depends on z only
 through log-softmax, whose gradient sums to zero over j; for ``"renorm"`` c is 0 analytically and the
 dense part is dropped. A backend therefore needs, per token, only:
 

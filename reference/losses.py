@@ -1,7 +1,7 @@
 """The spec: top-K reverse-KL losses in plain PyTorch.
 
 Materializes the full ``[N, V]`` student logits, so it is only for checking the library on small sizes.
-Reads like DESIGN.md section 2 and computes in float64 by default. Imports nothing from ``opd_kernels``.
+One function per variant, as the math reads; computes in float64 by default. Imports nothing from ``opd_kernels``.
 Validation is minimal on purpose: the library validates; this file defines the values.
 """
 

@@ -1,6 +1,6 @@
 """Per-step diagnostics (the collapse signatures), a collapse detector, JSONL logging and a PNG of the curves.
 
-Collapse signatures of on-policy distillation (``DESIGN.md`` §1): hedging tokens ("wait", "but", "maybe")
+Collapse signatures of on-policy distillation: hedging tokens ("wait", "but", "maybe")
 become frequent, responses grow long (often to the length limit), the student's sampled tokens fall outside
 the teacher's top-K (overlap) and its mass on that top-K drops, and entropy collapses while the reward does
 not improve.
