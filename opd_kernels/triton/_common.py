@@ -95,22 +95,33 @@ def launch_kw(cfg: dict) -> dict:
 # ------------------------------------------------------------------------------------------- jit helpers
 
 @triton.jit
-def logit_tile(h_ptr, w_ptr, b_ptr, offs_n, mask_n, offs_v, mask_v, H, inv_tau,
-               HAS_BIAS: tl.constexpr, BN: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr,
-               DOT_PREC: tl.constexpr):
-    """z [BN, BV] = (h[offs_n] W[offs_v]ᵀ + b[offs_v]) · inv_tau, fp32 accumulation over H chunks of BH."""
+def logit_acc(h_src, w_src, row0, col0, rows, row_ok, cols, col_ok, H,
+              TMA: tl.constexpr, EVEN_H: tl.constexpr, BN: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr,
+              DOT_PREC: tl.constexpr):
+    """acc [BN, BV] = h[rows] W[cols]ᵀ, fp32 accumulation over H chunks of BH (no bias, no temperature).
+
+    TMA: ``h_src`` / ``w_src`` are tensor descriptors with blocks [BN, BH] / [BV, BH], loaded at ``(row0, k0)``
+    / ``(col0, k0)`` (zero-filled out of bounds). Otherwise pointers, masked by ``row_ok`` / ``col_ok`` (and by
+    H unless ``EVEN_H``): out-of-range rows / columns give 0."""
+    offs_h = tl.arange(0, BH)                                                           # [BH]
     acc = tl.zeros([BN, BV], dtype=tl.float32)
-    for h0 in range(0, H, BH):
-        offs_h = h0 + tl.arange(0, BH).to(tl.int64)
-        mask_h = offs_h < H
-        h_tile = tl.load(h_ptr + offs_n[:, None] * H + offs_h[None, :], mask=mask_n[:, None] & mask_h[None, :],
-                         other=0.0)                                                   # [BN, BH]
-        w_tile = tl.load(w_ptr + offs_v[None, :] * H + offs_h[:, None], mask=mask_v[None, :] & mask_h[:, None],
-                         other=0.0)                                                   # [BH, BV]
-        acc = tl.dot(h_tile, w_tile, acc, input_precision=DOT_PREC)                  # [BN, BV]
-    if HAS_BIAS:
-        acc += tl.load(b_ptr + offs_v, mask=mask_v, other=0.0).to(tl.float32)[None, :]
-    return acc * inv_tau
+    for k0 in range(0, H, BH):
+        if TMA:
+            h_tile = h_src.load([row0, k0])                                             # [BN, BH]
+            w_tile = w_src.load([col0, k0]).T                                           # [BH, BV]
+        else:
+            hk = k0 + offs_h                                                            # [BH]
+            if EVEN_H:
+                h_mask = row_ok[:, None]
+                w_mask = col_ok[None, :]
+            else:
+                h_mask = row_ok[:, None] & (hk[None, :] < H)
+                w_mask = col_ok[None, :] & (hk[:, None] < H)
+            h_tile = tl.load(h_src + rows.to(tl.int64)[:, None] * H + hk[None, :], mask=h_mask, other=0.0)
+            w_tile = tl.load(w_src + cols.to(tl.int64)[None, :] * H + hk[:, None], mask=w_mask,
+                             other=0.0)                                                 # [BH, BV]
+        acc = tl.dot(h_tile, w_tile, acc, input_precision=DOT_PREC)                    # [BN, BV]
+    return acc
 
 
 def cdiv(a: int, b: int) -> int:

@@ -63,9 +63,9 @@ def _fast_interpreter_xor_reduce():
     ops.apply_impl = apply_impl
 
 
-def _fix_interpreter_bf16_dot():
-    """The interpreter keeps bf16 blocks as raw uint16 bits and hands them to ``np.matmul`` in ``tl.dot``:
-    widen bf16 operands to fp32 first (exact; the GPU also multiplies bf16 exactly, accumulating in fp32)."""
+def _patch_builder(name: str, make):
+    """Replace ``InterpreterBuilder.<name>`` by ``make(original, np, interp)`` once (marked, idempotent), only
+    when the interpreter is on."""
     if os.environ.get("TRITON_INTERPRET") != "1":
         return
     try:
@@ -74,50 +74,48 @@ def _fix_interpreter_bf16_dot():
     except ImportError:                                                 # pragma: no cover
         return
     builder = getattr(interp, "InterpreterBuilder", None)
-    orig = getattr(builder, "create_dot", None)
+    orig = getattr(builder, name, None)
     if orig is None or getattr(orig, "_opd_fixed", False):
         return
+    patched = make(orig, np, interp)
+    patched._opd_fixed = True
+    setattr(builder, name, patched)
 
-    def widen(x):
-        if x.dtype.scalar == tl.bfloat16:
-            bits = x.data.astype(np.uint32) << np.uint32(16)
-            return interp.TensorHandle(bits.view(np.float32), tl.float32)
-        return x
 
-    def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
-        return orig(self, widen(a), widen(b), d, input_precision, max_num_imprecise_acc)
+def _fix_interpreter_bf16_dot():
+    """The interpreter keeps bf16 blocks as raw uint16 bits and hands them to ``np.matmul`` in ``tl.dot``:
+    widen bf16 operands to fp32 first (exact; the GPU also multiplies bf16 exactly, accumulating in fp32)."""
+    def make(orig, np, interp):
+        def widen(x):
+            if x.dtype.scalar == tl.bfloat16:
+                bits = x.data.astype(np.uint32) << np.uint32(16)
+                return interp.TensorHandle(bits.view(np.float32), tl.float32)
+            return x
 
-    create_dot._opd_fixed = True
-    builder.create_dot = create_dot
+        def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
+            return orig(self, widen(a), widen(b), d, input_precision, max_num_imprecise_acc)
+        return create_dot
+
+    _patch_builder("create_dot", make)
 
 
 def _fix_interpreter_bf16_rounding():
     """The interpreter casts fp32 → bf16 by truncating the mantissa (round toward zero), where a GPU's
     ``.to(tl.bfloat16)`` rounds to nearest even: stored bf16 results came out biased and ≈2× less accurate
-    than on the device. Round to nearest even through torch (fp32 → bf16 only)."""
-    if os.environ.get("TRITON_INTERPRET") != "1":
-        return
-    try:
-        import numpy as np
+    than on the device. Round to nearest even through torch (fp32 → bf16 only; ``create_fp_trunc`` and the
+    other casts call ``cast_impl``)."""
+    def make(orig, np, interp):
         import torch
-        from triton.runtime import interpreter as interp
-    except ImportError:                                                 # pragma: no cover
-        return
-    builder = getattr(interp, "InterpreterBuilder", None)
-    orig = getattr(builder, "cast_impl", None)
-    if orig is None or getattr(orig, "_opd_fixed", False):
-        return
 
-    def cast_impl(self, src, dst_type):
-        if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
-            data = np.ascontiguousarray(src.data, dtype=np.float32)
-            bits = torch.from_numpy(data).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
-            return interp.TensorHandle(bits, dst_type.scalar)
-        return orig(self, src, dst_type)
+        def cast_impl(self, src, dst_type):
+            if src.dtype.scalar == tl.float32 and dst_type.scalar == tl.bfloat16:
+                data = np.ascontiguousarray(src.data, dtype=np.float32)
+                bits = torch.from_numpy(data).to(torch.bfloat16).view(torch.int16).numpy().view(np.uint16)
+                return interp.TensorHandle(bits, dst_type.scalar)
+            return orig(self, src, dst_type)
+        return cast_impl
 
-    cast_impl._opd_fixed = True
-    builder.cast_impl = cast_impl
-    builder.create_fp_trunc = lambda self, src, dst_type: self.cast_impl(src, dst_type)
+    _patch_builder("cast_impl", make)
 
 
 def install_interpreter_fixes() -> None:

@@ -45,7 +45,7 @@ import triton
 import triton.language as tl
 
 from . import _configs
-from ._common import TL_DTYPE, alloc, device_info, dot_precision, interpreting, launch_kw, logit_tile
+from ._common import TL_DTYPE, alloc, device_info, dot_precision, interpreting, launch_kw, logit_acc
 from ._compile import CompileSpec
 
 
@@ -92,23 +92,15 @@ def _dz_kernel(
     if DENSE:
         lse = tl.load(lse_ptr + offs_n, mask=mask_n, other=float("inf"))               # exp(z − lse) = 0 beyond
         coef = -tl.load(c_ptr + offs_n, mask=mask_n, other=0.0) * inv_tau               # [BN] −c / τ
-        if TMA:
-            # descriptors zero-fill beyond N / V. Padding must give exactly π = 0 (an overflowing exp would
-            # poison the GEMMs through 0·inf): rows outside the block have lse = +inf, columns a −inf logit
-            # (a [BV] term, not a [BN, BV] select: this keeps the 128×256 tile free of spills)
-            acc = tl.zeros([BN, BV], dtype=tl.float32)
-            for k0 in range(0, H, BH):
-                h_tile = h_src.load([row0 + tile_m * BN, k0])                          # [BN, BH]
-                w_tile = w_src.load([col0 + tile_n * BV, k0]).T                        # [BH, BV]
-                acc = tl.dot(h_tile, w_tile, acc, input_precision=DOT_PREC)
-            col = tl.where(mask_v, 0.0, float("-inf"))                                  # [BV]
-            if HAS_BIAS:
-                col += tl.load(b_ptr + offs_v, mask=mask_v, other=0.0).to(tl.float32) * inv_tau
-            p = tl.exp(acc * inv_tau + col[None, :] - lse[:, None])                    # [BN, BV]
-        else:
-            z = logit_tile(h_src, w_src, b_ptr, offs_n, mask_n, offs_v, mask_v, H, inv_tau,
-                           HAS_BIAS, BN, BV, BH, DOT_PREC)                              # [BN, BV]
-            p = tl.where(mask_n[:, None] & mask_v[None, :], tl.exp(z - lse[:, None]), 0.0)   # [BN, BV]
+        # padding must give exactly π = 0 (an overflowing exp would poison the GEMMs through 0·inf): rows
+        # outside the block have lse = +inf, columns a −inf logit (a [BV] term, not a [BN, BV] select: this
+        # keeps the tile free of spills)
+        acc = logit_acc(h_src, w_src, row0 + tile_m * BN, col0 + tile_n * BV, offs_n, mask_n, offs_v, mask_v, H,
+                        TMA, False, BN, BV, BH, DOT_PREC)                               # [BN, BV]
+        col = tl.where(mask_v, 0.0, float("-inf"))                                      # [BV]
+        if HAS_BIAS:
+            col += tl.load(b_ptr + offs_v, mask=mask_v, other=0.0).to(tl.float32) * inv_tau
+        p = tl.exp(acc * inv_tau + col[None, :] - lse[:, None])                        # [BN, BV]
         if FILTER:
             thr = tl.load(thr_ptr + offs_n, mask=mask_n, other=float("inf"))          # inf where c = 0
             keep = tl.max(tl.max(p - thr[:, None], axis=1), axis=0) >= 0.0

@@ -40,7 +40,8 @@ import triton
 import triton.language as tl
 
 from . import _configs
-from ._common import LN2, LOG2E, TL_DTYPE, alloc, arch_family, device_info, dot_precision, interpreting, launch_kw
+from ._common import (LN2, LOG2E, TL_DTYPE, alloc, arch_family, device_info, dot_precision, interpreting,
+                      launch_kw, logit_acc)
 from ._compile import PRODUCTION_SHAPE, CompileSpec
 
 #: SM counts of the compile targets' reference parts (H100 SXM, A100), for the production launch plan.
@@ -71,7 +72,6 @@ def _lse_sweep_kernel(
     offs_n = pid_n.to(tl.int64) * BN + tl.arange(0, BN)                               # [BN]
     mask_n = offs_n < N
     offs_v = tl.arange(0, BV)                                                           # [BV]
-    offs_h = tl.arange(0, BH)                                                           # [BH]
     scale = inv_tau * _LOG2E                                                            # base-2 logits
 
     m = tl.full([BN], _MASKED, dtype=tl.float32)                                        # running max of z₂
@@ -87,23 +87,8 @@ def _lse_sweep_kernel(
         else:
             c = tl.zeros([BV], dtype=tl.float32)
         c = tl.where(mask_v, c, _MASKED)                                                # [BV]
-        acc = tl.zeros([BN, BV], dtype=tl.float32)
-        for k0 in range(0, H, BH):
-            if TMA:
-                h_tile = h_src.load([pid_n * BN, k0])                                   # [BN, BH]
-                w_tile = w_src.load([col0, k0]).T                                       # [BH, BV]
-            else:
-                hk = k0 + offs_h                                                        # [BH]
-                if EVEN_H:
-                    h_mask = mask_n[:, None]
-                    w_mask = mask_v[None, :]
-                else:
-                    h_mask = mask_n[:, None] & (hk[None, :] < H)
-                    w_mask = mask_v[None, :] & (hk[:, None] < H)
-                h_tile = tl.load(h_src + offs_n[:, None] * H + hk[None, :], mask=h_mask, other=0.0)
-                w_tile = tl.load(w_src + cols.to(tl.int64)[None, :] * H + hk[:, None], mask=w_mask,
-                                 other=0.0)                                             # [BH, BV]
-            acc = tl.dot(h_tile, w_tile, acc, input_precision=DOT_PREC)                # [BN, BV]
+        acc = logit_acc(h_src, w_src, pid_n * BN, col0, offs_n, mask_n, cols, mask_v, H,
+                        TMA, EVEN_H, BN, BV, BH, DOT_PREC)                              # [BN, BV]
         z = acc * scale + c[None, :]                                                    # [BN, BV] z₂
         m_new = tl.maximum(m, tl.max(z, axis=1))                                        # a tile has a column < V
         alpha = tl.exp2(m - m_new)

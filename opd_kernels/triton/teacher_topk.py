@@ -67,7 +67,8 @@ from triton.language.extra import libdevice
 
 from .. import _math
 from . import _configs, gather
-from ._common import LN2, LOG2E, TL_DTYPE, alloc, arch_family, device_info, dot_precision, interpreting
+from ._common import (LN2, LOG2E, TL_DTYPE, alloc, arch_family, device_info, dot_precision, interpreting,
+                      logit_acc)
 from ._compile import PRODUCTION_SHAPE, CompileSpec
 
 #: Largest k the teacher kernel supports.
@@ -282,7 +283,6 @@ def _teacher_sweep_kernel(
     NW: tl.constexpr = BV // 32
     offs_n = tl.arange(0, BN)                                          # [BN]
     offs_v = tl.arange(0, BV)                                          # [BV]
-    offs_h = tl.arange(0, BH)                                          # [BH]
     kcol = tl.arange(0, KP)                                            # [KP]
     buf_rows = buf_ptr + (pid * BN + offs_n).to(tl.int64) * CAP        # [BN] this program's candidate rows
 
@@ -314,22 +314,8 @@ def _teacher_sweep_kernel(
             col0 = t * BV
             cols = col0 + offs_v                                       # [BV]
             col_ok = cols < V
-            acc = tl.zeros([BN, BV], tl.float32)
-            for k0 in range(0, H, BH):
-                if TMA:
-                    h_tile = h_src.load([row0, k0])                                            # [BN, BH]
-                    w_tile = w_src.load([col0, k0]).T                                          # [BH, BV]
-                else:
-                    hk = k0 + offs_h
-                    if EVEN_H:
-                        h_mask = row_ok[:, None]
-                        w_mask = col_ok[None, :]
-                    else:
-                        h_mask = row_ok[:, None] & (hk[None, :] < H)
-                        w_mask = col_ok[None, :] & (hk[:, None] < H)
-                    h_tile = tl.load(h_src + rows.to(tl.int64)[:, None] * H + hk[None, :], mask=h_mask, other=0.0)
-                    w_tile = tl.load(w_src + cols.to(tl.int64)[None, :] * H + hk[:, None], mask=w_mask, other=0.0)
-                acc = tl.dot(h_tile, w_tile, acc, input_precision=DOT_PREC)
+            acc = logit_acc(h_src, w_src, row0, col0, rows, row_ok, cols, col_ok, H,
+                            TMA, EVEN_H, BN, BV, BH, DOT_PREC)                                 # [BN, BV]
             if HAS_BIAS:
                 b = tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)                # [BV]
                 z = (acc + b[None, :]) * inv_tau
