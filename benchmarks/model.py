@@ -34,7 +34,7 @@ Assumptions (all to be calibrated by the first GPU run):
   of the compiled SASS): student sweep 0.66 (128×256×64 through TMA descriptors, 4 stages, wgmma with one
   group in flight, 1 CTA/SM: the class of Triton's Hopper GEMM tutorial, ≈ 650 TFLOP/s; its epilogue and
   per-tile pipeline refill are added separately; 0.62 was the 128×128 cp.async sweep), the blocked backward's
-  dz kernel and its two Triton GEMMs (TMA, 128×128 / 128×256×64) as the sweep, teacher 0.66 (the sweep's
+  dz kernel and its two Triton GEMMs (TMA, 128×256 / 128×256×64) as the sweep, teacher 0.66 (the sweep's
   main loop: 128×256×64 TMA tiles, 4 stages, two m64n256k16 warpgroups with one wgmma group in flight, 4
   barriers per K step in its SASS; its exposed epilogue, hits and merges are added from the SASS counts of
   :data:`TEACHER_SASS`; 0.50 was the old 64×128 top-K kernel), CCE forward 0.60, CCE backward 0.45, cuBLAS 0.758
@@ -526,9 +526,9 @@ def _merge_ops(ops: list[Launch]) -> list[Launch]:
 
 #: Compiled (registers, shared bytes) of the blocked backward at its production tiles, sm_90, triton 3.6
 #: (``python -m opd_kernels.compile_check --arch sm_90 --hidden 4096 --kernel student_bwd``).
-BLOCKED_COMPILED = {"dz": (200, 131104), "gemm_dh": (220, 196640), "gemm_dw": (212, 196672)}
+BLOCKED_COMPILED = {"dz": (229, 196640), "gemm_dh": (220, 196640), "gemm_dw": (212, 196672)}
 #: Main-loop efficiency of the blocked backward: its two GEMMs (128×256×64 through TMA descriptors, 4 stages,
-#: 8 warps, no warp specialization) and the dz kernel (128×128 through TMA, 4 stages; its epilogue is counted
+#: 8 warps, no warp specialization) and the dz kernel (128×256 through TMA, 4 stages; its epilogue is counted
 #: separately) are the forward sweep's class (Triton's Hopper TMA GEMM, ``EFF["fwd"]``).
 EFF_BLOCKED = dict(dz=EFF["fwd"], gemm=EFF["fwd"])
 
@@ -567,17 +567,27 @@ def student_blocked(s: Shape, dev: Device) -> list[Row]:
            for k in BLOCKED_COMPILED}
     dz_l, lists_l, dh_l, dw_l = [], [], [], []
     n_blocks = p["vocab_blocks"]
+    n_edges = cdiv(s.v, bv) + 1
+    bnd = p["bounds"]
     for r0 in range(0, s.n, rows):
         nr = min(rows, s.n - r0)
+        # the row chunk's run-bounds table: K ids per row compared with every tile edge (CUDA cores), int16
+        bgrid = (cdiv(nr, bnd["BR"]), cdiv(n_edges, bnd["BE"]))
+        bt = bgrid[0] * bgrid[1]
+        dz_l.append(Launch(
+            "student_bwd_run_bounds", bgrid, occ=8, flops_exec=2.0 * nr * s.k * n_edges, tensor=False,
+            eff=EFF["fma"], l2=cdiv(n_edges, bnd["BE"]) * nr * s.k * 4 + nr * n_edges * 2,
+            hbm=nr * s.k * 4 + nr * n_edges * 2, runs=[(bt, 1)],
+            tile_s=cdiv(s.k, bnd["BK"]) * dev.l2_rtt_us * 1e-6))
         for j, v0 in enumerate(range(0, s.v, cols)):
             nc = min(cols, s.v - v0)
             tm, tn = cdiv(nr, bn), cdiv(nc, bv)
             tiles = tm * tn
             # dz: the block's logits GEMM (grouped: GROUP row tiles share a W tile; h_r stays in L2), the
-            # epilogue (softmax term, K/BK id-count steps, the sparse runs), dz written once
+            # epilogue (softmax term, one round trip for the rows' slot runs, the sparse runs), dz written once
             w_rereads = cdiv(tm, d["GROUP"])
             epi = (EPI_INSTR["fwd_per_elem"] + 4) * bn * bv / (32 * warps) * (warps / 4) / (dev.clock_ghz * 1e9)
-            epi_s = epi + cdiv(s.k, d["BK"]) * dev.l2_rtt_us * 1e-6 + _refill_s(dev)
+            epi_s = epi + dev.l2_rtt_us * 1e-6 + _refill_s(dev)
             dz_l.append(Launch(
                 "student_bwd_dz", (tiles,), occ=occ["dz"], flops=2.0 * nr * nc * s.h, flops_exec=2.0 * tiles * bn * bv * s.h,
                 eff=EFF_BLOCKED["dz"], l2=tiles * (bn + bv) * s.h * e + nr * nc * e + tiles * bn * s.k * 8,

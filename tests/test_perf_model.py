@@ -192,6 +192,7 @@ def _trace(s: M.Shape, monkeypatch):
     for mod, attr, name in ((gather, "_gather_logits_kernel", "gather"),
                             (blocked_bwd, "_dz_kernel", "dz"), (blocked_bwd, "_gemm_acc_kernel", "gemm"),
                             (blocked_bwd, "_live_lists_kernel", "lists"),
+                            (blocked_bwd, "_run_bounds_kernel", "bounds"),
                             (teacher_topk, "_teacher_sweep_kernel", "teacher")):
         monkeypatch.setattr(mod, attr, _Recorder(getattr(mod, attr), name, log))
     dt, meta = torch.bfloat16, "meta"
@@ -199,7 +200,7 @@ def _trace(s: M.Shape, monkeypatch):
     w = torch.empty(s.v, s.h, dtype=dt, device=meta)
     ids = torch.empty(s.n, s.k, dtype=torch.long, device=meta)
     vec = torch.empty(s.n, dtype=torch.float32, device=meta)
-    prod = {k: _configs.student_prod_tiles(k, 90, dt) for k in ("fwd", "gather", "dz", "gemm_dh", "gemm_dw")}
+    prod = {k: _configs.student_prod_tiles(k, 90, dt) for k in ("fwd", "gather", "dz", "bounds", "gemm_dh", "gemm_dw")}
     teacher = dict(_configs.teacher_prod_tiles(triton_pow2(s.k), 90), TMA=False)
     out = {}
     with _configs.overrides(programs=2 * 132, teacher=teacher, **prod):
@@ -234,6 +235,12 @@ def test_plan_matches_launchers(n, v, facts, monkeypatch):
     assert len(dz) == blocks and len(gemms) == 2 * blocks
     model_dz = [x for x in _row(res, "bwd: dz blocks (recompute + sparse)")["row"].launches if x.kernel == "student_bwd_dz"]
     assert sorted(dz) == sorted(g for x in model_dz for g in [x.grid] * x.count)
+    # one run-bounds table per row chunk, same grids as the model's
+    bounds = [g for name, g, _ in traced if name == "bounds"]
+    model_b = [x for x in _row(res, "bwd: dz blocks (recompute + sparse)")["row"].launches
+               if x.kernel == "student_bwd_run_bounds"]
+    assert len(bounds) == plan["row_chunks"]
+    assert sorted(bounds) == sorted(g for x in model_b for g in [x.grid] * x.count)
     model_g = [x for name in ("bwd: grad_h GEMMs (dz W)", "bwd: grad_W GEMMs (dzT h)")
                for x in _row(res, name)["row"].launches]
     assert sorted(gemms) == sorted(g for x in model_g for g in [x.grid] * x.count)

@@ -29,10 +29,11 @@ STUDENT = {
         gather=dict(BK=32, BH=128, num_warps=4, num_stages=2),
         sparse=dict(BK=32, BH=128, num_warps=4, num_stages=2),
         segments=dict(BE=16, BH=256, num_warps=4, num_stages=2),
-        # blocked backward: dz 128×128 through TMA descriptors, 4 stages, ids counted 8 at a time (200
-        # registers on triton 3.6, 188 on 3.9; BK = 16 spills 8 B on 3.9, 128×256 spills 208 B in the sparse
-        # fold), GEMMs 128×256×64 through TMA in 4 stages (220 / 212 registers, 192 KiB shared), HGMMA
-        dz=dict(BN=128, BV=128, BH=64, BK=8, GROUP=8, num_warps=8, num_stages=4, TMA=True),
+        # blocked backward: dz 128×256 through TMA descriptors, 4 stages, each row's slot run read from the
+        # bounds table (``bounds``: 32 rows × 32 tile edges per program, ids counted 8 at a time), GEMMs
+        # 128×256×64 through TMA in 4 stages (220 / 212 registers, 192 KiB shared), HGMMA
+        dz=dict(BN=128, BV=256, BH=64, GROUP=8, num_warps=8, num_stages=4, TMA=True),
+        bounds=dict(BR=32, BE=32, BK=8, num_warps=4, num_stages=1),
         gemm_dh=dict(BM=128, BN=256, BK=64, GROUP=8, num_warps=8, num_stages=4, TMA=True),
         gemm_dw=dict(BM=128, BN=256, BK=64, GROUP=8, num_warps=8, num_stages=4, TMA=True),
     ),
@@ -41,7 +42,8 @@ STUDENT = {
         gather=dict(BK=32, BH=128, num_warps=4, num_stages=2),
         sparse=dict(BK=32, BH=128, num_warps=4, num_stages=2),
         segments=dict(BE=16, BH=256, num_warps=4, num_stages=2),
-        dz=dict(BN=128, BV=128, BH=64, BK=16, GROUP=8, num_warps=8, num_stages=3),
+        dz=dict(BN=128, BV=128, BH=64, GROUP=8, num_warps=8, num_stages=3),
+        bounds=dict(BR=32, BE=32, BK=8, num_warps=4, num_stages=1),
         gemm_dh=dict(BM=128, BN=128, BK=32, GROUP=8, num_warps=8, num_stages=3),
         gemm_dw=dict(BM=128, BN=128, BK=32, GROUP=8, num_warps=8, num_stages=3),
     ),
@@ -78,7 +80,7 @@ FWD_LIVE_ROW_BLOCKS = 16
 #: their B operand is N-major, which TF32 wgmma cannot read from shared memory, so Triton stages it through
 #: registers either way. Full-precision fp32 dots run on FMA units from registers (pointers).
 BLOCKED_FP32 = dict(
-    dz=dict(BN=64, BV=64, BH=32, BK=16, GROUP=8, num_warps=8, num_stages=2, TMA=False),
+    dz=dict(BN=64, BV=64, BH=32, GROUP=8, num_warps=8, num_stages=2, TMA=False),
     gemm_dh=dict(BM=64, BN=64, BK=16, GROUP=8, num_warps=8, num_stages=2, TMA=False),
     gemm_dw=dict(BM=64, BN=64, BK=16, GROUP=8, num_warps=8, num_stages=3, TMA=False),
 )
@@ -88,7 +90,8 @@ STUDENT_INTERP = dict(
     gather=dict(BK=4, BH=32, num_warps=4, num_stages=1),
     sparse=dict(BK=4, BH=32, num_warps=4, num_stages=1),
     segments=dict(BE=4, BH=32, num_warps=4, num_stages=1),
-    dz=dict(BN=16, BV=64, BH=32, BK=4, GROUP=2, num_warps=4, num_stages=1, TMA=True),   # pointers if unaligned
+    dz=dict(BN=16, BV=64, BH=32, GROUP=2, num_warps=4, num_stages=1, TMA=True),   # pointers if unaligned
+    bounds=dict(BR=8, BE=4, BK=4, num_warps=4, num_stages=1),
     gemm_dh=dict(BM=16, BN=32, BK=32, GROUP=2, num_warps=4, num_stages=1, TMA=True),
     gemm_dw=dict(BM=32, BN=32, BK=16, GROUP=2, num_warps=4, num_stages=1, TMA=True),
 )
@@ -104,7 +107,7 @@ _OVERRIDES: dict = {}
 @contextlib.contextmanager
 def overrides(**kw):
     """Temporarily override tiles and plan limits for every launcher (tests, tuning). Keys: student kernel
-    names (``fwd``, ``gather``, ``sparse``, ``segments``, ``dz``, ``gemm_dh``, ``gemm_dw``) → dict of tiles;
+    names (``fwd``, ``gather``, ``sparse``, ``segments``, ``dz``, ``bounds``, ``gemm_dh``, ``gemm_dw``) → dict of tiles;
     ``teacher`` → dict of tiles and plan keys (``TEACHER_KEYS``); ``programs`` → resident programs the forward
     sweep's split rule plans for; ``dz_block_bytes`` / ``gh_chunk_bytes`` → plan limits. Nested scopes merge; each
     restores on exit."""

@@ -11,7 +11,9 @@ Design (the static review's §7c). The rows are cut into chunks of ``Nr`` and th
 1. ``_dz_kernel`` recomputes the logits tile by tile (``h_r W_vᵀ``, fp32 accumulation) and its epilogue
    writes ``dz`` for the block in the input dtype, **with the sparse terms folded in**: each row's slots are
    sorted by id once per backward, so the slots falling in a tile's columns are one contiguous run per row,
-   found by counting and added with ``tl.where`` (duplicated ids add twice, as they should). It also writes
+   read from a per-row-chunk table of run bounds (``_run_bounds_kernel``: ``[Nr, V/BV + 1]`` int16, 1.9 MiB
+   at V = 128256) and added with ``tl.where`` (duplicated ids add twice, as they should); ids outside
+   ``[0, V)`` fall in no tile. It also writes
    a per-tile "non-zero" flag and per-row-tile fp32 column sums for grad_b. Filtering: a tile's dense part
    is dropped when every element is below ``filter_eps`` relative to its row's gradient scale
    (:func:`filter_thresholds`, default 2⁻¹² for 16-bit inputs as in cut-cross-entropy, 2⁻³⁰ for fp32);
@@ -31,8 +33,9 @@ the plan limits, independent of V: one ``dz`` block (``dz_block_bytes``, 30 MiB)
 (``tests/test_memory_plan.py`` accounts every allocation at full size). The cost is three
 GEMM-equivalents (recompute + two gradients), all on tensor cores (TMA descriptor loads on sm_90), plus the
 ``dz`` block round trip (written once, read twice), against a fused design whose per-tile global reductions
-cost several GEMM-equivalents of L2 traffic and need atomics. The dz tile stays 128×128: at 128×256 the
-sparse fold spills (208 B on triton 3.6).
+cost several GEMM-equivalents of L2 traffic and need atomics. The dz tile is 128×256 on sm_90 (the sweep's
+class: half the operand traffic per FLOP of 128×128); its sparse fold is a select into the running tile and
+reads its runs from the table, which keeps it free of spills on triton 3.6 and 3.9.
 
 Variants without a dense part (``renorm``) do not come here: their gradient is K gathered rows per token
 (``sparse_bwd``), far cheaper than three vocabulary GEMMs.
@@ -63,17 +66,16 @@ def _grouped_tile(pid, n_tiles_m, n_tiles_n, GROUP: tl.constexpr):
 @triton.jit
 def _dz_kernel(
     # pointers (h_src / w_src: tensor descriptors with blocks [BN, BH] / [BV, BH] when TMA, else pointers)
-    h_src, w_src, b_ptr, lse_ptr, c_ptr, thr_ptr, ids_ptr, gs_ptr, dz_ptr, flag_ptr, gb_ptr,
+    h_src, w_src, b_ptr, lse_ptr, c_ptr, thr_ptr, ids_ptr, gs_ptr, bounds_ptr, dz_ptr, flag_ptr, gb_ptr,
     # sizes and scalars
     H, K, inv_tau,
-    # launch plan: the block's first row / column, its extent, the dz and flag row strides
-    row0, col0, n_rows, n_cols, dz_stride, flag_stride,
+    # launch plan: the block's first row / column, its extent, the dz, flag and bounds row strides
+    row0, col0, n_rows, n_cols, dz_stride, flag_stride, bounds_stride,
     # constexpr flags
     HAS_BIAS: tl.constexpr, DENSE: tl.constexpr, SPARSE: tl.constexpr, COMPUTE_DB: tl.constexpr,
     FILTER: tl.constexpr, TMA: tl.constexpr,
     # tiles
-    BN: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr,
-    DOT_PREC: tl.constexpr,
+    BN: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr, GROUP: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     """dz [BN, BV] of one tile of the block rows [row0, row0 + n_rows) × columns [col0, col0 + n_cols):
     ``−c π / τ`` (zeroed when every π_nj of the tile is below its row's threshold ``thr_n``, see
@@ -108,25 +110,21 @@ def _dz_kernel(
         else:
             dz = p * coef[:, None]
     if SPARSE:
-        # each row's slots are sorted by id (invalid slots hold -1, first): the ones in [lo, hi) are the run
-        # [start, end) with start = #(ids < lo), end = #(ids < hi)
+        # each row's slots are sorted by id (invalid slots hold -1, first): the ones in this tile's columns
+        # are the run [start, end) read from the row chunk's bounds table (``_run_bounds_kernel``): one load
+        # round trip per tile (loaded before the logits GEMM they would stay live through it and spill)
         lo = col0 + tile_n * BV
-        hi = col0 + tl.minimum(tile_n * BV + BV, n_cols)
-        start = tl.zeros([BN], dtype=tl.int32)
-        end = tl.zeros([BN], dtype=tl.int32)
-        for k0 in range(0, K, BK):
-            offs_k = k0 + tl.arange(0, BK)                                              # [BK]
-            ids = tl.load(ids_ptr + offs_n[:, None] * K + offs_k[None, :],
-                          mask=mask_n[:, None] & (offs_k < K)[None, :], other=2147483647)  # [BN, BK]
-            start += tl.sum((ids < lo).to(tl.int32), axis=1)
-            end += tl.sum((ids < hi).to(tl.int32), axis=1)
+        brow = offs_r * bounds_stride + lo // BV                   # [BN] (the table is < 2³¹ elements)
+        start = tl.load(bounds_ptr + brow, mask=mask_n, other=0).to(tl.int32)
+        end = tl.load(bounds_ptr + brow + 1, mask=mask_n, other=0).to(tl.int32)
         run = end - start                                                               # [BN]
+        slots_ids = ids_ptr + offs_n * K + start                                        # [BN] pointers
+        slots_gs = gs_ptr + offs_n * K + start
         for j in range(0, tl.max(run, axis=0)):
             sel = j < run
-            slot = offs_n * K + (start + j)
-            sid = tl.load(ids_ptr + slot, mask=sel, other=-1)                          # [BN]
-            g = tl.load(gs_ptr + slot, mask=sel, other=0.0)                            # [BN]
-            dz += tl.where(offs_v[None, :] == sid[:, None], g[:, None], 0.0)           # [BN, BV]
+            loc = tl.load(slots_ids + j, mask=sel, other=-1) - lo                       # [BN] column in the tile
+            g = tl.load(slots_gs + j, mask=sel, other=0.0)                              # [BN]
+            dz = tl.where(tl.arange(0, BV)[None, :] == loc[:, None], dz + g[:, None], dz)  # [BN, BV]
     mask = mask_n[:, None] & mask_v[None, :]
     tl.store(dz_ptr + offs_r.to(tl.int64)[:, None] * dz_stride + offs_c[None, :],
              dz.to(dz_ptr.dtype.element_ty), mask=mask)
@@ -136,6 +134,33 @@ def _dz_kernel(
         tl.store(flag_ptr + tile_m * flag_stride + tile_n, nonzero.to(tl.int32))
     if COMPUTE_DB:
         tl.store(gb_ptr + tile_m.to(tl.int64) * dz_stride + offs_c, tl.sum(dz, axis=0), mask=mask_v)
+
+
+@triton.jit
+def _run_bounds_kernel(
+    # pointers: the row-sorted slot ids [N, K] (int32, -1 at invalid slots), the table [n_rows, n_edges]
+    ids_ptr, out_ptr,
+    # sizes: the row chunk [row0, row0 + n_rows), the slots per row, the edges and the vocabulary
+    row0, n_rows, K, n_edges, V, out_stride,
+    # tiles: BR rows × BE edges per program, ids counted BK at a time; the dz tile width
+    BR: tl.constexpr, BE: tl.constexpr, BK: tl.constexpr, BV: tl.constexpr,
+):
+    """``out[r, e] = #{k : ids[row0 + r, k] < min(e · BV, V)}``: with each row's ids sorted, the slots of
+    vocabulary tile t are the run ``[out[r, t], out[r, t + 1])`` (ids < 0 or ≥ V fall in no tile). Once per
+    row chunk, so the dz kernel reads two numbers per row instead of counting K ids per tile."""
+    offs_r = tl.program_id(0) * BR + tl.arange(0, BR)                                  # [BR]
+    offs_e = tl.program_id(1) * BE + tl.arange(0, BE)                                  # [BE]
+    mask_r = offs_r < n_rows
+    edges = tl.minimum(offs_e * BV, V)                                                  # [BE]
+    rows = (row0 + offs_r).to(tl.int64)
+    count = tl.zeros([BR, BE], dtype=tl.int32)
+    for k0 in range(0, K, BK):
+        offs_k = k0 + tl.arange(0, BK)                                                  # [BK]
+        ids = tl.load(ids_ptr + rows[:, None] * K + offs_k[None, :],
+                      mask=mask_r[:, None] & (offs_k < K)[None, :], other=2147483647)   # [BR, BK]
+        count += tl.sum((ids[:, :, None] < edges[None, None, :]).to(tl.int32), axis=1)  # [BR, BE]
+    tl.store(out_ptr + offs_r.to(tl.int64)[:, None] * out_stride + offs_e[None, :],
+             count.to(out_ptr.dtype.element_ty), mask=mask_r[:, None] & (offs_e < n_edges)[None, :])
 
 
 @triton.jit
@@ -244,7 +269,7 @@ def _gemm_acc_kernel(
 
 def plan(n: int, vocab: int, hdim: int, dtype, device: torch.device, arch: int | None = None) -> dict:
     """Row chunk ``rows`` and vocabulary block ``cols`` (multiples of the dz tile; the fp32 grad_h chunk ≤
-    ``gh_chunk_bytes``, the dz block ≤ ``dz_block_bytes``) and the tiles of the three kernels (on
+    ``gh_chunk_bytes``, the dz block ≤ ``dz_block_bytes``) and the tiles of the kernels (on
     ``device``, or the production tiles of compute capability ``arch`` when given)."""
     def tiles(kernel):
         if arch is not None:
@@ -259,7 +284,7 @@ def plan(n: int, vocab: int, hdim: int, dtype, device: torch.device, arch: int |
     rows = min(rows, triton.cdiv(max(n, 1), bn) * bn)
     cols = max(bv, _configs.limit("dz_block_bytes") // (rows * elem) // bv * bv)
     cols = min(cols, triton.cdiv(vocab, bv) * bv)
-    return dict(rows=rows, cols=cols, dz=dz_cfg, gemm_dh=dh_cfg, gemm_dw=dw_cfg)
+    return dict(rows=rows, cols=cols, dz=dz_cfg, bounds=tiles("bounds"), gemm_dh=dh_cfg, gemm_dw=dw_cfg)
 
 
 def _tma_ok(*tensors) -> bool:
@@ -328,6 +353,7 @@ def input_grads(hidden, weight, bias, ids, lse, g, inv_tau: float, need_h: bool,
 
     Extra memory: ``c`` [N] and the row-sorted slots (int32 ids + fp32 g/τ, N·K·8 B; the sort's int64
     permutation, N·K·8 B more, lives only before the blocks start), one dz block, one fp32 grad_h chunk,
+    the run-bounds table of one row chunk (int16, int32 when K ≥ 2¹⁵),
     the tile flags and live lists (a few KiB), and with a bias ``[V]`` fp32 plus per-tile column sums."""
     n, hdim = hidden.shape
     vocab = weight.shape[0]
@@ -370,6 +396,11 @@ def input_grads(hidden, weight, bias, ids, lse, g, inv_tau: float, need_h: bool,
         h_src = TensorDescriptor.from_tensor(hidden, [bn, dz_cfg["BH"]])
         w_src = TensorDescriptor.from_tensor(weight, [bv, dz_cfg["BH"]])
     dz = torch.empty((rows, cols), dtype=dtype, device=dev)
+    # per row of a chunk, the slot runs of every vocabulary tile (int16 counts when K allows: the table is
+    # rows × (V / BV + 1), 1.9 MiB at V = 128256)
+    n_edges = triton.cdiv(vocab, bv) + 1
+    bounds = torch.empty((rows, n_edges), dtype=torch.int16 if k < 2 ** 15 else torch.int32, device=dev)
+    b_cfg = p["bounds"]
     flags = torch.empty((triton.cdiv(rows, bn), triton.cdiv(cols, bv)), dtype=torch.int32, device=dev) \
         if filtering else None
     gb_part = torch.empty((triton.cdiv(rows, bn), cols), dtype=torch.float32, device=dev) if need_b else None
@@ -385,17 +416,20 @@ def input_grads(hidden, weight, bias, ids, lse, g, inv_tau: float, need_h: bool,
     for r0 in range(0, n, rows):
         nr = min(rows, n - r0)
         h_r = hidden[r0:r0 + nr]
+        _run_bounds_kernel[(triton.cdiv(nr, b_cfg["BR"]), triton.cdiv(n_edges, b_cfg["BE"]))](
+            sorted_ids, bounds, r0, nr, k, n_edges, vocab, bounds.stride(0),
+            BR=b_cfg["BR"], BE=b_cfg["BE"], BK=min(b_cfg["BK"], triton.next_power_of_2(k)), BV=bv,
+            **launch_kw(b_cfg))
         for j, v0 in enumerate(range(0, vocab, cols)):
             nc = min(cols, vocab - v0)
             tiles_m, tiles_n = triton.cdiv(nr, bn), triton.cdiv(nc, bv)
             _dz_kernel[(tiles_m * tiles_n,)](
-                h_src, w_src, bias if bias is not None else hidden, lse, c, thr, sorted_ids, sorted_gs, dz,
+                h_src, w_src, bias if bias is not None else hidden, lse, c, thr, sorted_ids, sorted_gs, bounds, dz,
                 flags if flags is not None else dz, gb_part if gb_part is not None else dz,
                 hdim, k, float(inv_tau), r0, v0, nr, nc, cols,
-                flags.stride(0) if flags is not None else 0,
+                flags.stride(0) if flags is not None else 0, bounds.stride(0),
                 HAS_BIAS=bias is not None, DENSE=True, SPARSE=True, COMPUTE_DB=need_b, FILTER=filtering, TMA=tma,
-                BN=bn, BV=bv, BH=dz_cfg["BH"], BK=min(dz_cfg["BK"], triton.next_power_of_2(k)),
-                GROUP=dz_cfg["GROUP"], DOT_PREC=prec, **launch_kw(dz_cfg))
+                BN=bn, BV=bv, BH=dz_cfg["BH"], GROUP=dz_cfg["GROUP"], DOT_PREC=prec, **launch_kw(dz_cfg))
             dz_blk = dz[:nr, :nc]
             total_tiles += tiles_m * tiles_n
             if live_tiles is not None:
@@ -434,13 +468,14 @@ def _specs(hidden_size, arch, dtype, allow_tf32, suffix):
     prec = dot_precision(dtype, allow_tf32)
     has_matmul = prec != "ieee" or dtype != torch.float32                # fp32 "ieee" dots run on FMA units
     d = _configs.student_prod_tiles("dz", arch, dtype, allow_tf32)
-    dz_tiles = dict(BN=d["BN"], BV=d["BV"], BH=d["BH"], BK=d["BK"], GROUP=d["GROUP"])
+    dz_tiles = dict(BN=d["BN"], BV=d["BV"], BH=d["BH"], GROUP=d["GROUP"])
     # the production plan at N = 16384, V = 128256 (a full block; the last one has odd sizes, a second JIT
     # specialization at runtime)
     from ._compile import PRODUCTION_SHAPE
     plan_ = plan(PRODUCTION_SHAPE["N"], PRODUCTION_SHAPE["V"], hidden_size, dtype, torch.device("cuda"), arch=arch)
     rows, cols = plan_["rows"], plan_["cols"]
     ftm, ftn = triton.cdiv(rows, d["BN"]), triton.cdiv(cols, d["BV"])
+    n_edges = triton.cdiv(PRODUCTION_SHAPE["V"], d["BV"]) + 1
     tma = bool(d.get("TMA"))
     t = TL_DTYPE[dtype]
     specs = [CompileSpec(
@@ -449,11 +484,20 @@ def _specs(hidden_size, arch, dtype, allow_tf32, suffix):
                         DOT_PREC=prec, **dz_tiles),
         pointers=dict(h_src=f"tensordesc<{t}[{d['BN']}, {d['BH']}]>" if tma else pt,
                       w_src=f"tensordesc<{t}[{d['BV']}, {d['BH']}]>" if tma else pt, b_ptr=pt, ids_ptr="*i32",
-                      dz_ptr=pt, flag_ptr="*i32"),
-        scalars=dict(row0=0, col0=0, n_rows=rows, n_cols=cols, dz_stride=cols, flag_stride=ftn),
+                      bounds_ptr="*i16", dz_ptr=pt, flag_ptr="*i32"),
+        scalars=dict(row0=0, col0=0, n_rows=rows, n_cols=cols, dz_stride=cols, flag_stride=ftn,
+                     bounds_stride=n_edges),
         num_warps=d["num_warps"], num_stages=d["num_stages"], has_matmul=has_matmul,
         config=dict(dtype=TL_DTYPE[dtype], dot=prec, **dz_tiles, num_warps=d["num_warps"],
                     num_stages=d["num_stages"], H=hidden_size, rows=rows, cols=cols))]
+    b = _configs.student_prod_tiles("bounds", arch, dtype, allow_tf32)
+    b_tiles = dict(BR=b["BR"], BE=b["BE"], BK=b["BK"], BV=d["BV"])
+    specs.append(CompileSpec(
+        kernel=f"student_bwd_run_bounds{suffix}", fn=_run_bounds_kernel, constexprs=b_tiles,
+        pointers=dict(ids_ptr="*i32", out_ptr="*i16"),
+        scalars=dict(row0=0, n_rows=rows, K=PRODUCTION_SHAPE["K"], n_edges=n_edges, V=PRODUCTION_SHAPE["V"], out_stride=n_edges),
+        num_warps=b["num_warps"], num_stages=b["num_stages"], has_matmul=False,
+        config=dict(**b_tiles, num_warps=b["num_warps"], K=PRODUCTION_SHAPE["K"], H=hidden_size)))
     specs.append(CompileSpec(
         kernel=f"student_bwd_live_lists{suffix}", fn=_live_lists_kernel,
         constexprs=dict(BF=triton.next_power_of_2(max(ftm, ftn))),

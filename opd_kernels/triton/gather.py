@@ -1,6 +1,6 @@
 """Gathered dot products: logits at given vocabulary ids, without a vocabulary sweep.
 
-    z[n, k] = (h_n · W[id_nk] + b[id_nk]) / τ            (id < 0 → any finite value)
+    z[n, k] = (h_n · W[id_nk] + b[id_nk]) / τ            (id < 0 or id ≥ V → 0, an empty slot)
 
 Used for the student logits at the teacher's top-K ids and, with K = 1, for the teacher's log-probs of the
 sampled tokens. One program per (row, block of BK slots); fp32 accumulation over H chunks of BH.
@@ -22,16 +22,17 @@ def _gather_logits_kernel(
     # pointers
     h_ptr, w_ptr, b_ptr, ids_ptr, out_ptr,
     # sizes and scalars
-    K, H, inv_tau,
+    K, H, V, inv_tau,
     # constexpr flags and tiles
     HAS_BIAS: tl.constexpr, BK: tl.constexpr, BH: tl.constexpr,
 ):
-    """out[n, k] = (h_n · W[id_nk] + b[id_nk]) · inv_tau for the BK slots of program (n, pid_k)."""
+    """out[n, k] = (h_n · W[id_nk] + b[id_nk]) · inv_tau for the BK slots of program (n, pid_k); 0 where the
+    id is outside [0, V) (never read: whatever the caller's checks, no id leads outside the weight)."""
     pid_n = tl.program_id(0).to(tl.int64)
     offs_k = tl.program_id(1).to(tl.int64) * BK + tl.arange(0, BK)                    # [BK]
     mask_k = offs_k < K
     ids = tl.load(ids_ptr + pid_n * K + offs_k, mask=mask_k, other=-1)
-    valid = ids >= 0
+    valid = (ids >= 0) & (ids < V)
     safe_ids = tl.where(valid, ids, 0).to(tl.int64)
     acc = tl.zeros([BK], dtype=tl.float32)
     for h0 in range(0, H, BH):
@@ -47,7 +48,7 @@ def _gather_logits_kernel(
 
 
 def gather_logits(hidden, weight, bias, ids, inv_tau: float) -> torch.Tensor:
-    """``[N, K]`` fp32 logits at ``ids [N, K]`` (int64, contiguous; any finite value where ids < 0).
+    """``[N, K]`` fp32 logits at ``ids [N, K]`` (int64, contiguous; 0 where an id is < 0 or ≥ V).
 
     ``hidden [N, H]``, ``weight [V, H]``, ``bias [V]`` or None: contiguous, one dtype."""
     n, k = ids.shape
@@ -58,7 +59,7 @@ def gather_logits(hidden, weight, bias, ids, inv_tau: float) -> torch.Tensor:
     bk = min(cfg["BK"], triton.next_power_of_2(k))
     _gather_logits_kernel[(n, triton.cdiv(k, bk))](
         hidden, weight, bias if bias is not None else hidden, ids, out,
-        k, hidden.shape[1], float(inv_tau),
+        k, hidden.shape[1], weight.shape[0], float(inv_tau),
         HAS_BIAS=bias is not None, BK=bk, BH=cfg["BH"], **launch_kw(cfg))
     return out
 

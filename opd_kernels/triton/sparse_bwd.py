@@ -26,7 +26,7 @@ def _sparse_rows_kernel(
     # pointers
     w_ptr, ids_ptr, g_ptr, gh32_ptr, gh_out_ptr,
     # sizes
-    K, H,
+    K, H, V,
     # constexpr flags and tiles
     HAS_DENSE: tl.constexpr, BK: tl.constexpr, BH: tl.constexpr,
 ):
@@ -39,7 +39,7 @@ def _sparse_rows_kernel(
         offs_k = k0 + tl.arange(0, BK)                                                  # [BK]
         mask_k = offs_k < K
         ids = tl.load(ids_ptr + pid_n * K + offs_k, mask=mask_k, other=-1)
-        valid = ids >= 0
+        valid = (ids >= 0) & (ids < V)                                                  # else an empty slot
         safe_ids = tl.where(valid, ids, 0).to(tl.int64)
         g = tl.load(g_ptr + pid_n * K + offs_k, mask=valid, other=0.0)                 # [BK]
         w_rows = tl.load(w_ptr + safe_ids[:, None] * H + offs_h[None, :], mask=valid[:, None] & mask_h[None, :],
@@ -55,7 +55,7 @@ def _sparse_segments_kernel(
     # pointers: entries sorted by id
     h_ptr, sorted_ids_ptr, sorted_rows_ptr, sorted_g_ptr, seg_end_ptr, gw_ptr, gb_ptr,
     # sizes
-    H,
+    H, V,
     # constexpr flags and tiles
     COMPUTE_DW: tl.constexpr, COMPUTE_DB: tl.constexpr, BE: tl.constexpr, BH: tl.constexpr,
 ):
@@ -64,7 +64,7 @@ def _sparse_segments_kernel(
     i = tl.program_id(0).to(tl.int64)
     vid = tl.load(sorted_ids_ptr + i)
     prev = tl.load(sorted_ids_ptr + tl.maximum(i - 1, 0))
-    start = (vid >= 0) & ((i == 0) | (prev != vid))
+    start = (vid >= 0) & (vid < V) & ((i == 0) | (prev != vid))                         # ids outside [0, V): empty
     if start:
         end = tl.load(seg_end_ptr + i)
         vid64 = vid.to(tl.int64)
@@ -105,7 +105,7 @@ def sparse_backward(hidden, weight, ids, gs, gh32, grad_w, gb32, need_h: bool):
     if grad_h is not None:
         cfg = _configs.student_tiles("sparse", dev)
         _sparse_rows_kernel[(n, triton.cdiv(hdim, cfg["BH"]))](
-            weight, ids, gs, gh32 if gh32 is not None else dummy, grad_h, k, hdim,
+            weight, ids, gs, gh32 if gh32 is not None else dummy, grad_h, k, hdim, weight.shape[0],
             HAS_DENSE=gh32 is not None, BK=min(cfg["BK"], triton.next_power_of_2(k)), BH=cfg["BH"],
             **launch_kw(cfg))
     if grad_w is not None or gb32 is not None:
@@ -117,7 +117,7 @@ def sparse_backward(hidden, weight, ids, gs, gh32, grad_w, gb32, need_h: bool):
         cfg = _configs.student_tiles("segments", dev)
         _sparse_segments_kernel[(flat.numel(),)](
             hidden, sorted_ids, rows, sorted_g, ends, grad_w if grad_w is not None else dummy,
-            gb32 if gb32 is not None else dummy, hdim,
+            gb32 if gb32 is not None else dummy, hdim, weight.shape[0],
             COMPUTE_DW=grad_w is not None, COMPUTE_DB=gb32 is not None, BE=cfg["BE"], BH=cfg["BH"],
             **launch_kw(cfg))
     return grad_h
