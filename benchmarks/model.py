@@ -135,8 +135,8 @@ EFF = dict(fwd=0.66, bwd=0.45, teacher=0.66, cce_fwd=0.60, cce_bwd=0.45, cublas=
 COMPILED = {
     "student_fwd_sweep": (221, 196640),
     "student_gather_logits": (56, 1024),
-    "student_bwd_sparse_rows": (40, 2 * 1024),
-    "student_bwd_sparse_segments": (44, 4 * 1024),
+    "student_bwd_sparse_rows": (44, 2 * 1024),
+    "student_bwd_segment_chunks": (94, 40 * 1024),
     "teacher_sweep": (245, 196640),
     "cce_lse_forward": (255, 72 * 1024),
     "cce_backward": (255, 64 * 1024),

@@ -22,12 +22,12 @@ if not ok.triton_available():                                             # prag
 
 from opd_kernels.triton import _configs  # noqa: E402
 from opd_kernels.triton import backend as TB  # noqa: E402
-from opd_kernels.triton import blocked_bwd, gather, lse_sweep  # noqa: E402
+from opd_kernels.triton import blocked_bwd, gather, lse_sweep, sparse_bwd  # noqa: E402
 
 MiB = 2 ** 20
 H, K = 4096, 64
 SHAPES = [(n, v) for v in (128256, 151936) for n in (8192, 16384, 32768)]
-FAMILIES = (lse_sweep, gather, blocked_bwd)
+FAMILIES = (lse_sweep, gather, blocked_bwd, sparse_bwd)
 
 
 class _StubKernel:
@@ -112,15 +112,19 @@ def _run_logged(n, v, h, k, device, variant="stopgrad", log_ref=None):
     return log, (loss, grad_h, grad_w)
 
 
+@pytest.mark.parametrize("variant", ["stopgrad", "renorm"])
 @pytest.mark.parametrize("n,v", SHAPES, ids=[f"N{n}-V{v}" for n, v in SHAPES])
-def test_extra_memory_within_bound_at_full_size(monkeypatch, n, v):
+def test_extra_memory_within_bound_at_full_size(monkeypatch, n, v, variant):
     launches = []
     _stub_kernels(monkeypatch, launches)
     _production_plan(monkeypatch)
-    log, (loss, grad_h, grad_w) = _run_logged(n, v, H, K, "meta")
+    log, (loss, grad_h, grad_w) = _run_logged(n, v, H, K, "meta", variant)
     assert grad_h.shape == (n, H) and grad_w.shape == (v, H) and grad_w.dtype == torch.bfloat16
     names = {name for name, _ in launches}
-    assert {"_dz_kernel", "_gemm_acc_kernel"} <= names, names
+    # dense variants: the blocked backward; renorm (no dense part): the bounded sparse kernels
+    expected = {"_dz_kernel", "_gemm_acc_kernel"} if variant != "renorm" else \
+        {"_sparse_rows_kernel", "_segment_chunks_kernel", "_segment_carry_kernel"}
+    assert expected <= names, names
     extra = log.peak_excluding_returned()
     bound = n * K * 16 + 64 * MiB
     assert extra <= bound, (f"extra memory {extra / MiB:.1f} MiB > bound {bound / MiB:.1f} MiB; largest "
@@ -143,7 +147,7 @@ def test_the_plan_has_bounded_blocks():
     assert small["rows"] == 128 and small["rows"] * small["cols"] * 2 <= 30 * MiB
 
 
-@pytest.mark.parametrize("variant", ["stopgrad", "tail"])
+@pytest.mark.parametrize("variant", ["stopgrad", "tail", "renorm"])
 def test_stubbed_accounting_matches_a_real_run(monkeypatch, variant):
     """Small sizes in the interpreter: the real run and the stubbed meta run allocate the same tensors (op,
     shape, dtype, bytes) and reach the same peak; with the plan cut into several row chunks and vocabulary

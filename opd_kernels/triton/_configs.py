@@ -27,8 +27,8 @@ STUDENT = {
     90: dict(
         fwd=dict(BN=128, BV=256, BH=64, num_warps=8, num_stages=4, TMA=True),
         gather=dict(BK=32, BH=128, num_warps=4, num_stages=2),
-        sparse=dict(BK=32, BH=128, num_warps=4, num_stages=2),
-        segments=dict(BE=16, BH=256, num_warps=4, num_stages=2),
+        sparse=dict(BR=4, BK=32, BH=128, num_warps=4, num_stages=2),
+        segments=dict(SB=16, BH=128, num_warps=8, num_stages=2),
         # blocked backward: dz 128×256 through TMA descriptors, 4 stages, each row's slot run read from the
         # bounds table (``bounds``: 32 rows × 32 tile edges per program, ids counted 8 at a time), GEMMs
         # 128×256×64 through TMA in 4 stages (220 / 212 registers, 192 KiB shared), HGMMA
@@ -40,8 +40,8 @@ STUDENT = {
     80: dict(
         fwd=dict(BN=128, BV=128, BH=64, num_warps=8, num_stages=3, TMA=False),
         gather=dict(BK=32, BH=128, num_warps=4, num_stages=2),
-        sparse=dict(BK=32, BH=128, num_warps=4, num_stages=2),
-        segments=dict(BE=16, BH=256, num_warps=4, num_stages=2),
+        sparse=dict(BR=4, BK=32, BH=128, num_warps=4, num_stages=2),
+        segments=dict(SB=16, BH=128, num_warps=8, num_stages=2),
         dz=dict(BN=128, BV=128, BH=64, GROUP=8, num_warps=8, num_stages=3),
         bounds=dict(BR=32, BE=32, BK=8, num_warps=4, num_stages=1),
         gemm_dh=dict(BM=128, BN=128, BK=32, GROUP=8, num_warps=8, num_stages=3),
@@ -84,12 +84,29 @@ BLOCKED_FP32 = dict(
     gemm_dh=dict(BM=64, BN=64, BK=16, GROUP=8, num_warps=8, num_stages=2, TMA=False),
     gemm_dw=dict(BM=64, BN=64, BK=16, GROUP=8, num_warps=8, num_stages=3, TMA=False),
 )
+#: Soft-capped variants (``SOFTCAP=True``: a tanh per logit in the tile epilogue), per arch family → kernel →
+#: input class (``bf16`` / ``fp32`` / ``tf32``, :func:`fwd_class`) → tile overrides on top of the rows above;
+#: absent where the default tiles compile free of spills with the soft-cap too (``compile_check --kernel
+#: softcap``, H = 4096, triton 3.6 and 3.9). Exceptions, both sm_90:
+#:
+#: - ``dz`` bf16: the 128×256 dz tile is at 254 registers without the soft-cap; the tanh's temporaries spill
+#:   it (104 / 128 B on 3.6 / 3.9, even a select-free tanh spills 16 B), so the soft-capped dz kernel uses
+#:   128×128 (178 / 211 registers, 0 spills, 128 KiB shared, 1 CTA/SM) and its run bounds, live lists and
+#:   GEMM skip lists are built for that tile (``student_bwd_*_softcap``);
+#: - ``fwd`` fp32 ("ieee" dots): the entropy sweep spills 8 B at 128×64×32 under 3.9 (255 registers);
+#:   128×64×16 is spill-free on both (3.6: 190 / 191 registers, 1 CTA/SM; 3.9: 128, 2). 128×32 and 64×64
+#:   spill under 3.6.
+STUDENT_SOFTCAP: dict = {90: dict(dz=dict(bf16=dict(BV=128)), fwd=dict(fp32=dict(BH=16))), 80: {}}
+#: CTAs per SM of the soft-capped forward sweep where they differ from ``FWD_CTAS_PER_SM`` (same keys; triton
+#: 3.6 builds, as that table): the sm_90 fp32 sweep without entropy drops to 1 (190 registers), the sm_80
+#: TF32 sweep without entropy rises to 3 (80 registers).
+FWD_CTAS_PER_SM_SOFTCAP: dict = {(90, "fp32", False): 1, (80, "tf32", False): 3}
 #: Interpreter tiles: many small tiles (test sizes N = 37, V = 1007, H = 90 leave remainders everywhere).
 STUDENT_INTERP = dict(
     fwd=dict(BN=16, BV=64, BH=32, num_warps=4, num_stages=1, TMA=True),      # descriptors when H is aligned
     gather=dict(BK=4, BH=32, num_warps=4, num_stages=1),
-    sparse=dict(BK=4, BH=32, num_warps=4, num_stages=1),
-    segments=dict(BE=4, BH=32, num_warps=4, num_stages=1),
+    sparse=dict(BR=3, BK=4, BH=32, num_warps=4, num_stages=1),
+    segments=dict(SB=4, BH=32, num_warps=4, num_stages=1),    # L (entries per chunk): ≈ √(N·K)
     dz=dict(BN=16, BV=64, BH=32, GROUP=2, num_warps=4, num_stages=1, TMA=True),   # pointers if unaligned
     bounds=dict(BR=8, BE=4, BK=4, num_warps=4, num_stages=1),
     gemm_dh=dict(BM=16, BN=32, BK=32, GROUP=2, num_warps=4, num_stages=1, TMA=True),
@@ -127,8 +144,10 @@ def limit(name: str) -> int:
     return int(_OVERRIDES.get(name, LIMITS[name]))
 
 
-def student_prod_tiles(kernel: str, arch: int, dtype=torch.bfloat16, allow_tf32=None) -> dict:
-    """Production tiles of one student kernel for compute capability ``arch`` and input ``dtype``."""
+def student_prod_tiles(kernel: str, arch: int, dtype=torch.bfloat16, allow_tf32=None,
+                       softcap: bool = False) -> dict:
+    """Production tiles of one student kernel for compute capability ``arch`` and input ``dtype`` (with
+    ``softcap``: the soft-capped variant's, ``STUDENT_SOFTCAP``)."""
     family = arch_family(arch)
     tiles = dict(STUDENT[family][kernel])
     if dtype == torch.float32 and kernel in BLOCKED_FP32:
@@ -136,15 +155,17 @@ def student_prod_tiles(kernel: str, arch: int, dtype=torch.bfloat16, allow_tf32=
         tiles["TMA"] = kernel == "dz" and family >= 90 and dot_precision(dtype, allow_tf32) == "tf32"
     if dtype == torch.float32 and kernel == "fwd":
         tiles.update(STUDENT_FWD_FP32[(family, dot_precision(dtype, allow_tf32))])
+    if softcap:
+        tiles.update(STUDENT_SOFTCAP[family].get(kernel, {}).get(fwd_class(dtype, allow_tf32), {}))
     return tiles
 
 
-def student_tiles(kernel: str, device: torch.device, dtype=torch.bfloat16) -> dict:
+def student_tiles(kernel: str, device: torch.device, dtype=torch.bfloat16, softcap: bool = False) -> dict:
     """Tiles of one student kernel for a launch on ``device`` (interpreter tiles on CPU), with overrides."""
     if interpreting(device):
         tiles = dict(STUDENT_INTERP[kernel])
     else:
-        tiles = student_prod_tiles(kernel, device_info(device)[0], dtype)
+        tiles = student_prod_tiles(kernel, device_info(device)[0], dtype, softcap=softcap)
     tiles.update(_OVERRIDES.get(kernel, {}))
     return tiles
 
@@ -164,9 +185,14 @@ def fwd_class(dtype, allow_tf32=None) -> str:
     return "tf32" if dot_precision(dtype, allow_tf32) == "tf32" else "fp32"
 
 
-def fwd_ctas_per_sm(arch: int, dtype=torch.bfloat16, allow_tf32=None, need_entropy: bool = False) -> int:
-    """CTAs per SM of the compiled forward sweep at its production tiles (``FWD_CTAS_PER_SM``)."""
-    return FWD_CTAS_PER_SM[(arch_family(arch), fwd_class(dtype, allow_tf32), bool(need_entropy))]
+def fwd_ctas_per_sm(arch: int, dtype=torch.bfloat16, allow_tf32=None, need_entropy: bool = False,
+                    softcap: bool = False) -> int:
+    """CTAs per SM of the compiled forward sweep at its production tiles (``FWD_CTAS_PER_SM``; the
+    soft-capped variant's from ``FWD_CTAS_PER_SM_SOFTCAP`` where it differs)."""
+    key = (arch_family(arch), fwd_class(dtype, allow_tf32), bool(need_entropy))
+    if softcap and key in FWD_CTAS_PER_SM_SOFTCAP:
+        return FWD_CTAS_PER_SM_SOFTCAP[key]
+    return FWD_CTAS_PER_SM[key]
 
 
 def sweep_splits(n_row_blocks: int, n_tiles: int, slots: int,
@@ -195,14 +221,16 @@ def sweep_splits(n_row_blocks: int, n_tiles: int, slots: int,
     return best
 
 
-def fwd_plan(n: int, vocab: int, device: torch.device, dtype=torch.bfloat16, need_entropy: bool = False) -> dict:
+def fwd_plan(n: int, vocab: int, device: torch.device, dtype=torch.bfloat16, need_entropy: bool = False,
+             softcap: bool = False) -> dict:
     """Launch plan of the forward sweep on ``device``: ``tiles`` (with overrides), ``row_blocks``, ``n_tiles``,
     ``ctas_per_sm`` (compiled occupancy; the interpreter's is nominal), ``slots`` (resident programs: SMs ×
-    CTAs/SM, 8 in the interpreter, or the ``programs`` override), ``splits`` and ``tiles_per_split``."""
-    tiles = student_tiles("fwd", device, dtype)
+    CTAs/SM, 8 in the interpreter, or the ``programs`` override), ``splits`` and ``tiles_per_split``
+    (``softcap``: the soft-capped variant's tiles and occupancy)."""
+    tiles = student_tiles("fwd", device, dtype, softcap=softcap)
     row_blocks = -(-n // tiles["BN"])
     n_tiles = -(-vocab // tiles["BV"])
-    ctas = fwd_ctas_per_sm(device_info(device)[0], dtype, None, need_entropy)
+    ctas = fwd_ctas_per_sm(device_info(device)[0], dtype, None, need_entropy, softcap)
     slots = target_programs(device, ctas)
     per, splits = sweep_splits(row_blocks, n_tiles, slots)
     return dict(tiles=tiles, row_blocks=row_blocks, n_tiles=n_tiles, ctas_per_sm=ctas, slots=slots,
@@ -224,6 +252,11 @@ TEACHER = {
     80: dict(BN=64, BV=128, BH=64, PART_W=1, num_warps=8, num_stages=3, TMA=False, ctas_per_sm=1,
              group_bytes=16 * 2**20),
 }
+#: Soft-capped teacher (``SOFTCAP=True``: a tanh per logit) tile overrides per arch family, where the rows above
+#: spill with it. sm_90: 128×256 spills (k = 256: 32 / 176 B on triton 3.6 / 3.9; k = 64: 8 B on 3.9); 128×128
+#: is spill-free for every KP class with and without ignore lists (3.6: 193–254 registers, 3.9: 176–254;
+#: 128 KiB shared, 1 CTA/SM). sm_80's 64×128 is spill-free as it is (3.6: 177–255, 3.9: 180–238).
+TEACHER_SOFTCAP: dict = {90: dict(BV=128), 80: {}}
 #: Interpreter plan: small tiles, 5 programs and groups of 2 row blocks, so that test problems cross row
 #: blocks, groups, segments and buffer merges.
 TEACHER_INTERP = dict(BN=16, BV=64, BH=32, PART_W=1, num_warps=4, num_stages=1, TMA=False, ctas_per_sm=1,
@@ -232,18 +265,20 @@ TEACHER_INTERP = dict(BN=16, BV=64, BH=32, PART_W=1, num_warps=4, num_stages=1, 
 TEACHER_KEYS = frozenset(TEACHER[90]) | {"C", "RB", "programs", "group_rows"}
 
 
-def teacher_prod_tiles(kp: int, arch: int) -> dict:
+def teacher_prod_tiles(kp: int, arch: int, softcap: bool = False) -> dict:
     """Production teacher plan for ``KP = next_pow2(k)`` on compute capability ``arch``: the family's tiles,
     merge chunks of ``C = max(KP, 16)`` candidates per row (the buffer holds C plus a tile's worth) and
     ``RB = 4096 / C`` rows per merge step (a [RB, C] int64 block is 32 registers per thread at 8 warps);
     ``programs`` / ``group_rows`` None = chosen by ``teacher_topk.launch_plan``."""
     tiles = dict(TEACHER[arch_family(arch)])
+    if softcap:
+        tiles.update(TEACHER_SOFTCAP[arch_family(arch)])
     c = max(kp, 16)
     tiles.update(C=c, RB=min(tiles["BN"], max(1, 4096 // c)), programs=None, group_rows=None)
     return tiles
 
 
-def teacher_tiles(kp: int, device: torch.device) -> dict:
+def teacher_tiles(kp: int, device: torch.device, softcap: bool = False) -> dict:
     """Teacher launch plan on ``device`` (interpreter plan on CPU) with the ``teacher`` override applied;
     ``programs`` / ``group_rows`` None = chosen by ``teacher_topk.launch_plan``."""
     over = dict(_OVERRIDES.get("teacher", {}))
@@ -253,6 +288,6 @@ def teacher_tiles(kp: int, device: torch.device) -> dict:
     if interpreting(device):
         tiles = dict(TEACHER_INTERP, C=max(kp, 32), RB=TEACHER_INTERP["BN"])
     else:
-        tiles = teacher_prod_tiles(kp, device_info(device)[0])
+        tiles = teacher_prod_tiles(kp, device_info(device)[0], softcap)
     tiles.update(over)
     return tiles
