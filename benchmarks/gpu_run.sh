@@ -3,7 +3,7 @@
 # (benchmarks/results/gpu when $OUT is unset).
 #
 #   bash benchmarks/gpu_run.sh [all|parity|bench|resume]
-#     all     (default) Triton parity tests compiled for the GPU (no interpreter), then the GPU benchmark
+#     all     (default) the self-test and the Triton parity tests compiled for the GPU (no interpreter), then the GPU benchmark
 #             preset under a time budget: the cases are ordered most important first (V=151936 stopgrad
 #             sweep, teacher sweep, other variants, then V=128256) and what does not fit is skipped
 #     parity  only the parity tests;  bench  only the benchmarks, with the whole time for them
@@ -45,6 +45,10 @@ fi
 # 1. Triton parity tests, compiled for this GPU
 if [ "$MODE" = all ] || [ "$MODE" = parity ]; then
   cat "$OUT_DIR/env.log" > "$OUT_DIR/parity.log"
+  # the library's own self-test first: every family compiled for this GPU, parity at a small and a mid shape
+  echo "== selftest (python -m opd_kernels.selftest)" | tee -a "$OUT_DIR/parity.log"
+  timeout "${SELFTEST_LIMIT:-150}" $PY -m opd_kernels.selftest 2>&1 | tee -a "$OUT_DIR/parity.log"
+  echo "== selftest exit status ${PIPESTATUS[0]} after $((SECONDS - T0)) s" | tee -a "$OUT_DIR/parity.log"
   PARITY=()
   for f in tests/test_triton_student.py tests/test_triton_teacher.py; do [ -f "$f" ] && PARITY+=("$f"); done
   if [ ${#PARITY[@]} -gt 0 ]; then

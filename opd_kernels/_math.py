@@ -32,6 +32,12 @@ NO_DENSE = ("renorm",)
 TAIL_EPS = 1e-12
 
 
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype of logits, per-token values and gradient accumulators for inputs of ``dtype``: float64 for
+    float64 inputs (the torch backend's gradcheck path), else float32."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 def needs_lse(variant: str, need_stats: bool) -> bool:
     """Whether the forward needs a vocabulary sweep (lse) for this variant."""
     return need_stats or variant not in NO_DENSE

@@ -35,7 +35,11 @@ class StudentLossSpec:
 
     Attributes:
         variant: one of ``_math.VARIANTS`` or ``_math.SAMPLED``.
-        temperature: student logits are ``(h Wᵀ + b) / temperature``.
+        temperature: student logits are ``(h Wᵀ + b) / temperature`` (after the transforms below).
+        logit_scale: raw logits ``a = h Wᵀ + b`` are multiplied by it first (Cohere ``logit_scale``, Granite
+            ``1 / logits_scaling``, Falcon-H1 ``lm_head_multiplier``).
+        softcap: ``None``, or the cap ``c`` of ``c · tanh(logit_scale · a / c)`` (Gemma-2/3
+            ``final_logit_softcapping``), applied before the temperature.
         need_stats: also compute the per-token stats (entropy needs the full-vocabulary sweep).
         deterministic: Triton: no atomics whose order changes results.
         filter_eps: Triton: backward skips tiles whose π is below it (None = the dtype default, 0 = off).
@@ -45,6 +49,8 @@ class StudentLossSpec:
 
     variant: str
     temperature: float = 1.0
+    logit_scale: float = 1.0
+    softcap: float | None = None
     need_stats: bool = False
     deterministic: bool = False
     filter_eps: float | None = None
@@ -53,17 +59,39 @@ class StudentLossSpec:
 
     @property
     def inv_tau(self) -> float:
-        return 1.0 / self.temperature
+        """The scale of the raw logits in z units, ``logit_scale / temperature``: without a soft-cap
+        ``z = inv_tau · (h Wᵀ + b)``."""
+        return _inv_tau(self)
+
+    @property
+    def cap(self) -> float | None:
+        """The soft-cap in z units, ``softcap / temperature`` (None without one): ``z = cap · tanh(inv_tau ·
+        (h Wᵀ + b) / cap)``, and ``∂z/∂(h Wᵀ + b) = inv_tau · (1 − (z / cap)²)``."""
+        return _cap(self)
+
+
+def _inv_tau(spec) -> float:
+    return spec.logit_scale / spec.temperature
+
+
+def _cap(spec) -> float | None:
+    return None if spec.softcap is None else spec.softcap / spec.temperature
 
 
 @dataclass(frozen=True)
 class TeacherSpec:
-    """Everything but the tensors that ``teacher_topk`` needs (tuning fields as in :class:`StudentLossSpec`)."""
+    """Everything but the tensors that ``teacher_topk`` needs (tuning fields as in :class:`StudentLossSpec`;
+    ``logit_scale`` / ``softcap`` as there: the teacher's logits are transformed the same way)."""
 
     k: int
     temperature: float = 1.0
+    logit_scale: float = 1.0
+    softcap: float | None = None
     chunk_size: int | None = None
     memory_budget_bytes: int = 256 * 2**20
+
+    inv_tau = property(_inv_tau, doc="``logit_scale / temperature`` (as :attr:`StudentLossSpec.inv_tau`).")
+    cap = property(_cap, doc="``softcap / temperature`` or None (as :attr:`StudentLossSpec.cap`).")
 
 
 #: Fields every backend must support (they define the call).
@@ -80,7 +108,7 @@ def build_spec(cls, backend_name: str, supported, options, **fields):
         options: the global :class:`opd_kernels.Options`.
         fields: the call's own fields (variant, temperature, …).
     """
-    names = {f.name for f in dataclasses.fields(cls)}
+    names = cls.__dataclass_fields__        # not dataclasses.fields(cls): Dynamo traces this one (compile)
     for name in TUNING_FIELDS:
         if name in supported and name in names:
             fields[name] = getattr(options, name)

@@ -5,6 +5,11 @@ coefficients ``g`` of ``_math.slot_terms``:
 
     ∂ℓ_n/∂(h Wᵀ + b)_nj = (Σ_k g_nk [j = id_nk] − c_n π_nj) / τ,        c_n = Σ_k g_nk
 
+With the logit transforms of the spec (``logit_scale`` s, ``softcap`` C; docs/math.md §5) ``z = C_z tanh(u / C_z)``
+with ``u = (s / τ)(h Wᵀ + b)`` and ``C_z = C / τ`` (``z = u`` without a soft-cap), and ``1 / τ`` above becomes
+``∂z_j/∂(h Wᵀ + b)_j = spec.inv_tau · (1 − (z_j / spec.cap)²)``: each backend's ``input_grads`` applies it to
+both parts, elementwise.
+
 The plan, written once here for both backends:
 
     forward:   (m, s, e)[split, N], z_sel? = B.lse_partials(h, W, b, ids, spec)   one vocabulary sweep
@@ -25,10 +30,12 @@ every primitive against ``reference/primitives.py``):
   free (else None).
 - ``gather_logits(hidden, weight, bias, ids, spec) -> z_sel [N,K]`` fp32; any finite value where ids < 0.
 - ``input_grads(hidden, weight, bias, ids, lse [N] | None, g [N,K], spec, need_h, need_w, need_b,
-  skipped=None) -> (grad_h, grad_W, grad_b)``: the gradient ``dz = (Σ_k g_nk [j = id_nk] − c_n π_nj) / τ`` pushed through
+  skipped=None, c=None) -> (grad_h, grad_W, grad_b)``: the gradient ``dz = (Σ_k g_nk [j = id_nk] − c_n π_nj) / τ`` pushed through
   the LM head (``grad_h = dz W``, ``grad_W = dzᵀ h``, ``grad_b = Σ_n dz``) in the input dtypes, None where
   not needed; ``g`` is zero at invalid slots; ``lse`` None means no dense part; ``skipped`` (a 0-dim
-  float32, or None) receives the fraction of (row × vocabulary) tiles whose gradient was skipped. The torch backend composes
+  float32, or None) receives the fraction of (row × vocabulary) tiles whose gradient was skipped; ``c [N]``
+  is the dense coefficient, ``g.sum(-1)`` when None (a vocabulary shard, ``opd_kernels.distributed``, passes
+  the global ``c`` with only its own slots in ``g``). The torch backend composes
   it from ``dense_backward`` and ``sparse_backward`` (each tested against ``reference/primitives.py``); the
   Triton backend builds ``dz`` blocks with the sparse part folded in (``triton/blocked_bwd.py``).
 
@@ -38,11 +45,77 @@ Inputs come validated and flattened from ``api.py``: ``ids`` int64 with -1 at in
 
 from __future__ import annotations
 
+import contextlib
+import functools
+
 import torch
 
 from . import _math
 from ._math import merge_partials
 from ._spec import StudentLossSpec
+
+
+def no_autocast(device):
+    """A context with ``torch.autocast`` off for ``device``'s type (a null context when it is off already)."""
+    try:
+        on = torch.is_autocast_enabled(device.type)
+    except (RuntimeError, ValueError, TypeError):            # a device type autocast does not know
+        on = False
+    return torch.autocast(device.type, enabled=False) if on else contextlib.nullcontext()
+
+
+def _autocast_off(fn):
+    """Run ``fn`` with autocast off for the device of its first (tensor) argument.
+
+    Autocast policy of the losses: ``api.py`` casts ``hidden`` / ``weight`` / ``bias`` to the autocast dtype
+    (as ``F.linear`` would be cast) before the call; the forward and the backward plans then run in those
+    input dtypes with their own fp32 accumulation, never re-cast by an autocast region around the call or
+    around ``backward()``, so forward and backward compute the same logits."""
+    @functools.wraps(fn)
+    def wrapper(first, *args, **kwargs):
+        with no_autocast(first.device):
+            return fn(first, *args, **kwargs)
+    return wrapper
+
+
+@_autocast_off
+def forward_rows(hidden, weight, bias, ids, teacher_logprobs, spec: StudentLossSpec, backend):
+    """The forward plan on one backend module: ``(loss [N], stats, g [N, K], lse [N] | None)`` with ``stats =
+    (kl, student_topk_mass, teacher_topk_mass, entropy)`` (``[N]`` float32 each; None without
+    ``spec.need_stats``). ``g`` and ``lse`` are what :func:`backward_rows` needs."""
+    hidden, weight = hidden.contiguous(), weight.contiguous()
+    bias = None if bias is None else bias.contiguous()
+    ids, teacher_logprobs = ids.contiguous(), teacher_logprobs.contiguous()
+    n = hidden.shape[0]
+    valid = ids >= 0
+    lse = entropy = z_sel = None
+    if _math.needs_lse(spec.variant, spec.need_stats):
+        if n:
+            parts = backend.lse_partials(hidden, weight, bias, ids, spec)
+            lse, entropy = merge_partials(parts.m, parts.s, parts.e)
+            z_sel = parts.z_sel
+        else:
+            lse = hidden.new_empty(0, dtype=_math.acc_dtype(hidden.dtype))
+            entropy = torch.empty_like(lse) if spec.need_stats else None
+    if z_sel is None:
+        z_sel = backend.gather_logits(hidden, weight, bias, ids, spec)
+    loss, g, student_mass, teacher_mass = _math.slot_terms(spec.variant, z_sel, lse, teacher_logprobs, valid)
+    stats = (loss.detach().clone(), student_mass, teacher_mass, entropy) if spec.need_stats else None
+    return loss, stats, g, lse
+
+
+@_autocast_off
+def backward_rows(grad_loss, hidden, weight, bias, ids, g, lse, spec: StudentLossSpec, backend,
+                  need_h, need_w, need_b, skipped=None):
+    """The backward plan: ``(grad_h, grad_W, grad_b)`` (None where not needed) for upstream ``grad_loss [N]``;
+    ``skipped`` (0-dim float32 or None) receives the fraction of vocabulary tiles whose gradient was skipped."""
+    hidden, weight = hidden.contiguous(), weight.contiguous()
+    bias = None if bias is None else bias.contiguous()
+    need_b = need_b and bias is not None
+    g = (g * grad_loss.to(g.dtype).unsqueeze(-1)).contiguous()        # [N, K], upstream folded in
+    dense = spec.variant not in _math.NO_DENSE and hidden.shape[0] > 0
+    return backend.input_grads(hidden, weight, bias, ids.contiguous(), lse if dense else None, g, spec,
+                               need_h, need_w, need_b, skipped=skipped)
 
 
 class StudentLossFunction(torch.autograd.Function):
@@ -52,33 +125,21 @@ class StudentLossFunction(torch.autograd.Function):
     ``(loss, kl, student_topk_mass, teacher_topk_mass, entropy, skipped_tile_fraction)``, each ``[N]``
     float32 but the last, a 0-dim float32 the backward fills in (the fraction of vocabulary tiles whose
     gradient it skipped; NaN until backward runs); the stats are empty tensors when ``spec.need_stats`` is
-    false."""
+    false.
+
+    The public losses run the same plan (:func:`forward_rows`, :func:`backward_rows`) through the registered
+    ``torch.library`` ops of ``opd_kernels._ops`` (compile- and export-safe); this Function is the op-free
+    form for callers holding a backend module (primitive tests, meta-device memory plans)."""
 
     @staticmethod
     def forward(ctx, hidden, weight, bias, ids, teacher_logprobs, spec: StudentLossSpec, backend):
-        hidden, weight = hidden.contiguous(), weight.contiguous()
-        bias = None if bias is None else bias.contiguous()
-        ids, teacher_logprobs = ids.contiguous(), teacher_logprobs.contiguous()
-        n = hidden.shape[0]
-        valid = ids >= 0
-        lse = entropy = z_sel = None
-        if _math.needs_lse(spec.variant, spec.need_stats):
-            if n:
-                parts = backend.lse_partials(hidden, weight, bias, ids, spec)
-                lse, entropy = merge_partials(parts.m, parts.s, parts.e)
-                z_sel = parts.z_sel
-            else:
-                lse = hidden.new_empty(0, dtype=torch.float32)
-                entropy = torch.empty_like(lse) if spec.need_stats else None
-        if z_sel is None:
-            z_sel = backend.gather_logits(hidden, weight, bias, ids, spec)
-        loss, g, student_mass, teacher_mass = _math.slot_terms(spec.variant, z_sel, lse, teacher_logprobs, valid)
+        loss, stats, g, lse = forward_rows(hidden, weight, bias, ids, teacher_logprobs, spec, backend)
         ctx.save_for_backward(hidden, weight, bias, ids, g, lse)
         ctx.spec, ctx.backend = spec, backend
         if spec.need_stats:
             # filled in by backward (the backward decides which tiles it skips); NaN until it runs
             skipped = loss.new_full((), float("nan"))
-            stats = (loss.detach().clone(), student_mass, teacher_mass, entropy, skipped)
+            stats = (*stats, skipped)
         else:
             skipped = None
             stats = tuple(loss.new_empty(0) for _ in range(5))
@@ -87,15 +148,12 @@ class StudentLossFunction(torch.autograd.Function):
         return (loss, *stats)
 
     @staticmethod
+    @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss, *_grad_stats):
         hidden, weight, bias, ids, g, lse = ctx.saved_tensors
-        spec, backend = ctx.spec, ctx.backend
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
-        need_b = need_b and bias is not None
-        g = (g * grad_loss.float().unsqueeze(-1)).contiguous()            # [N, K], upstream folded in
-        dense = spec.variant not in _math.NO_DENSE and hidden.shape[0] > 0
-        grad_h, grad_w, grad_b = backend.input_grads(hidden, weight, bias, ids, lse if dense else None, g, spec,
-                                                     need_h, need_w, need_b, skipped=ctx.skipped)
+        grad_h, grad_w, grad_b = backward_rows(grad_loss, hidden, weight, bias, ids, g, lse, ctx.spec, ctx.backend,
+                                               need_h, need_w, need_b, skipped=ctx.skipped)
         return grad_h, grad_w, grad_b, None, None, None, None
 
 
@@ -103,6 +161,7 @@ STAT_NAMES = ("kl", "student_topk_mass", "teacher_topk_mass", "entropy", "skippe
 
 
 def student_loss(backend, hidden, weight, bias, ids, teacher_logprobs, spec: StudentLossSpec):
-    """``(loss [N] float32, stats dict or None)`` of one spec on one backend module."""
+    """``(loss [N] float32, stats dict or None)`` of one spec on one backend module (through
+    :class:`StudentLossFunction`; the public API goes through ``opd_kernels._ops.student_loss``)."""
     loss, *stats = StudentLossFunction.apply(hidden, weight, bias, ids, teacher_logprobs, spec, backend)
     return loss, (dict(zip(STAT_NAMES, stats)) if spec.need_stats else None)

@@ -7,12 +7,13 @@ reduction and reshape here.
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import NamedTuple, Optional
 
 import torch
 
-from . import _student
+from . import _math, _ops, _student
 from . import _validation as V
 from ._config import get_options
 from ._spec import StudentLossSpec, TeacherSpec, build_spec
@@ -37,14 +38,19 @@ def triton_available() -> bool:
     return torch.cuda.is_available() or os.environ.get("TRITON_INTERPRET") == "1"
 
 
-def _backend(name, device):
-    """``(resolved name, backend module)`` for ``backend=name`` on ``device``."""
+def _backend(name, device, dtype=None):
+    """``(resolved name, backend module)`` for ``backend=name`` on ``device`` with inputs of ``dtype``
+    (float64 runs on the torch backend only; ``"auto"`` picks it)."""
     V.check_choice("backend", name, V.BACKENDS)
-    if name == "auto":
-        name = "triton" if device.type == "cuda" and triton_available() else "torch"
+    if name == "auto":        # Triton on CUDA, else torch; falls back to torch if a kernel fails to build
+        from . import _fallback
+        return _fallback.resolve_auto(device, dtype)
     if name == "torch":
         from . import torch_backend
         return name, torch_backend
+    if dtype == torch.float64:
+        raise ValueError("backend='triton' does not support torch.float64 inputs (float32, bfloat16 or float16); "
+                         "use backend='torch' (or 'auto') for float64, e.g. for torch.autograd.gradcheck")
     if not triton_available():
         raise ValueError("backend='triton' needs Triton and a CUDA device (or TRITON_INTERPRET=1 for the "
                          "CPU interpreter); use backend='torch' or 'auto'")
@@ -55,12 +61,37 @@ def _backend(name, device):
     return name, triton_backend
 
 
-def fold_slots(ids, logprobs, ignore=None):
+def _autocast_linear(hidden, weight, bias):
+    """Under ``torch.autocast`` for hidden's device type: ``hidden``, ``weight`` and ``bias`` cast to the
+    autocast dtype, as ``F.linear`` (the LM head) would be; float64 and non-float tensors are left alone.
+    The cast is differentiable, so gradients reach the original tensors in their dtypes. The loss itself
+    then runs with autocast off, forward and backward alike (``_student.no_autocast``)."""
+    if not isinstance(hidden, torch.Tensor):
+        return hidden, weight, bias
+    dev = hidden.device.type
+    try:
+        if not torch.is_autocast_enabled(dev):
+            return hidden, weight, bias
+        dtype = torch.get_autocast_dtype(dev)
+    except (RuntimeError, ValueError, TypeError):            # a device type autocast does not know
+        return hidden, weight, bias
+
+    def cast(x):
+        if isinstance(x, torch.Tensor) and x.is_floating_point() and x.dtype != torch.float64:
+            return x.to(dtype)
+        return x
+    return cast(hidden), cast(weight), cast(bias)
+
+
+def fold_slots(ids, logprobs, ignore=None, vocab=None):
     """The backend form of teacher slots: ``(ids [N, K] int64 with -1 at every invalid slot, logprobs [N, K]
-    float32 with 0.0 there, valid [N, K] bool)``. A slot is valid when its id is ≥ 0, its log-prob is not
-    ``-inf`` and its id is not in ``ignore`` (int64 tensor or None)."""
-    ids, logprobs = ids.long(), logprobs.float()
+    float32 (float64 kept) with 0.0 there, valid [N, K] bool)``. A slot is valid when its id is ≥ 0, its
+    log-prob is not ``-inf`` (nor NaN), its id is below ``vocab`` (when given) and not in ``ignore`` (int64
+    tensor or None). With value checks off this is what keeps an out-of-range id away from every kernel."""
+    ids, logprobs = ids.long(), logprobs.to(_math.acc_dtype(logprobs.dtype))
     valid = (ids >= 0) & (logprobs > float("-inf"))
+    if vocab is not None:
+        valid &= ids < vocab
     if ignore is not None:
         valid &= ~torch.isin(ids, ignore)
     return torch.where(valid, ids, -1), torch.where(valid, logprobs, 0.0), valid
@@ -68,10 +99,18 @@ def fold_slots(ids, logprobs, ignore=None):
 
 def _kept_rows(keep):
     """Row indices to compute, or None when every row is kept (one sync)."""
-    if keep is None or not get_options().drop_masked_rows:
+    if keep is None or not _ops.drop_rows():          # not under compile: see opd_kernels._ops
         return None
     idx = keep.nonzero().squeeze(-1)
     return None if idx.numel() == keep.numel() else idx
+
+
+def _blank_rows(keep, h, ids, t):
+    """Rows that do not count, when they are not dropped: a zero hidden state and empty slots, so that
+    nothing of them (a NaN hidden state, an out-of-range id) reaches the loss, the stats or the gradients
+    (their upstream gradient is 0 and ``dz`` of a finite row with c = 0 is exactly 0)."""
+    k = keep[:, None]
+    return torch.where(k, h, 0.0), torch.where(k, ids, -1), torch.where(k, t, 0.0)
 
 
 def _scatter_rows(values, idx, n):
@@ -81,75 +120,164 @@ def _scatter_rows(values, idx, n):
     return values.new_zeros(n).index_copy(0, idx, values)
 
 
-def _reduce(per_token, weights, reduction, lead):
+def _reduce(per_token, weights, reduction, lead, normalizer=None):
     if weights is not None:
-        per_token = per_token * weights
+        # where, not only a product: a masked token's value (even NaN) never reaches the loss or its gradient
+        per_token = torch.where(weights != 0, per_token * weights.to(per_token.dtype), 0.0)
     if reduction == "none":
         return per_token.reshape(lead)
     total = per_token.sum()
     if reduction == "sum":
         return total
+    if normalizer is not None:          # the global Σ mask of a data-parallel step (V.check_normalizer)
+        denom = normalizer.to(device=total.device, dtype=total.dtype)
+        # a global count of 0 (no token counts anywhere) → 0 with zero gradients
+        return torch.where(denom != 0, total / torch.where(denom != 0, denom, torch.ones_like(denom)),
+                           torch.zeros_like(total))
     denom = weights.sum() if weights is not None else torch.tensor(float(per_token.numel()), device=total.device)
     # Σ mask = 0 → 0 (with zero gradients): the numerator is then exactly 0
     return total / torch.where(denom != 0, denom, torch.ones_like(denom))
 
 
-def _float_weights(mask):
+def _eager_when_distributed(fn):
+    """A call with ``vocab_parallel_group`` or a DTensor argument runs eagerly: under ``torch.compile`` it is a
+    graph break (``opd_kernels.distributed.run_eager``); every other call is traced as before."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        tensors = (*args[:2], kwargs.get("hidden"), kwargs.get("weight"))
+        if torch.compiler.is_compiling() and (kwargs.get("vocab_parallel_group") is not None
+                                              or any(x is not None and V._is_dtensor(x) for x in tensors)):
+            from . import distributed
+            return distributed.run_eager(fn, *args, **kwargs)
+        return fn(*args, **kwargs)
+    return wrapper
+
+
+def _parallel_args(hidden, weight, bias, group, start):
+    """DTensor arguments mapped to local tensors (a ``Shard(0)`` weight gives the vocabulary-parallel group and
+    start, ``opd_kernels.distributed.resolve``); plain tensors and no group pass through untouched."""
+    if group is None and start is None and not any(x is not None and V._is_dtensor(x) for x in (hidden, weight, bias)):
+        return hidden, weight, bias, None, None
+    from . import distributed
+    hidden, weight, bias, group, start = distributed.resolve(hidden, weight, bias, group, start)
+    return hidden, weight, bias, group, distributed.check_start(start, group)
+
+
+def _float_weights(mask, dtype=torch.float32):
     if mask is None:
         return None
-    return mask.reshape(-1).to(torch.float32)
+    return mask.reshape(-1).to(dtype)
 
 
 # ----------------------------------------------------------------------------------------------- losses
 
+@_eager_when_distributed
 def topk_rkl_loss(hidden, weight, teacher_ids, teacher_logprobs, mask=None, *, variant="stopgrad", bias=None,
-                  temperature=1.0, ignore_ids=None, reduction="mean", backend="auto", return_stats=False):
+                  temperature=1.0, logit_scale=1.0, softcap=None, ignore_ids=None, reduction="mean", backend="auto",
+                  return_stats=False, vocab_parallel_group=None, vocab_start_index=None, normalizer=None):
     """Reverse KL of the student against the teacher's top-K, without materializing ``[N, V]`` logits.
 
     Args:
-        hidden: ``[*, H]`` student final hidden states (before the LM head); float32, bfloat16 or float16.
+        hidden: ``[*, H]`` student final hidden states (before the LM head); float32, bfloat16 or float16
+            (float64 too on the torch backend, e.g. for ``torch.autograd.gradcheck``).
         weight: ``[V, H]`` student LM-head weight, same dtype as ``hidden``.
         teacher_ids: ``[*, K]`` int32/int64 teacher top-K ids; a negative id marks an empty slot.
         teacher_logprobs: ``[*, K]`` teacher log-probs normalized over the teacher's whole vocabulary;
-            ``-inf`` also marks an empty slot. Never receives a gradient.
-        mask: ``[*]`` bool, or float per-token weight; 0 = the token does not count.
+            ``-inf`` also marks an empty slot (so does a negative id, whatever its log-prob, NaN included).
+            Never receives a gradient. Under ``check_values`` (one device sync per call for all value
+            checks) a ``ValueError`` refuses impossible values at the valid slots of counted tokens: NaN,
+            +inf, a log-prob > 1e-3 (raw logits?), or a token whose slots' probabilities sum above 1 + 1e-2
+            (inference-server padding ``(pad_id, 0.0)`` left in: ``normalize_teacher_slots(pad_id=...)``;
+            tolerances ``_validation.LOGPROB_TOL`` / ``MASS_TOL``). Masked tokens are not checked.
+        mask: ``[*]`` bool, or float per-token weight; 0 = the token does not count. A masked token is never
+            read into the loss, the stats or the gradients, whatever ``drop_masked_rows`` says (dropped
+            before the sweep, or computed on a zeroed hidden state with empty slots and excluded with
+            ``torch.where``): NaN / inf there, in its hidden state or its teacher slots, changes nothing.
         variant: ``"stopgrad"`` (default, unbiased gradient), ``"unnormalized"`` (biased truncated RKL),
             ``"renorm"`` (KL of both renormalized over S), ``"tail"`` (with the rest bucket) or ``"fkl"``.
         bias: optional ``[V]`` LM-head bias.
         temperature: student logits are divided by it before the softmax.
+        logit_scale: the raw logits ``a = h Wᵀ + b`` are multiplied by it first (finite, > 0; default 1).
+        softcap: None, or ``c > 0``: logits ``c · tanh(logit_scale · a / c)`` (Gemma-2/3's final-logit
+            soft-capping), then divided by ``temperature``. ``opd_kernels.transformers.lm_head_spec(model)``
+            reads both from a transformers model.
         ignore_ids: vocabulary ids removed from the support wherever they appear (special tokens).
         reduction: ``"mean"`` (Σ mask·ℓ / Σ mask, 0 if Σ mask = 0), ``"sum"`` or ``"none"`` (``[*]``).
         backend: ``"auto"`` (Triton on CUDA, else torch), ``"torch"`` or ``"triton"``.
         return_stats: also return detached ``[*]`` stats ``kl``, ``student_topk_mass``,
             ``teacher_topk_mass``, ``entropy`` (0 at masked tokens), and the 0-dim
             ``skipped_tile_fraction``: the fraction of (token × vocabulary) tiles whose gradient the
-            backward skipped (``filter_eps``); it is filled in when backward runs (NaN before).
+            backward skipped (``filter_eps``); it is filled in when backward runs (NaN before, and
+            under ``torch.compile``).
+        vocab_parallel_group: a ``torch.distributed`` process group (or 1-D ``DeviceMesh``) over which the
+            LM head is sharded along the vocabulary (Megatron-style tensor parallelism): ``weight`` / ``bias``
+            are this rank's contiguous shard ``[V_r, H]`` / ``[V_r]`` (sizes may differ), ``teacher_ids``
+            are global ids, and ``hidden``, the teacher tensors and ``mask`` are the same on every rank. The
+            value, the stats and every gradient equal the single-device call on the concatenated weight;
+            every rank gets the loss and the full ``grad_hidden``. Communication per call is O(N·K), never
+            O(N·V): an all-gather of the per-rank logsumexp ``[N]`` (entropy too with stats), an all-reduce
+            (max) of the logits at the teacher ids ``[N, K]``, plus a 15-element layout all-gather (unless
+            ``vocab_start_index`` is given and ``check_values`` is off); the backward all-reduces
+            ``grad_hidden [N, H]`` (the activation gradient every tensor-parallel head reduces). Eager only:
+            under ``torch.compile`` the call is a graph break. See ``opd_kernels.distributed``.
+        vocab_start_index: this rank's first global vocabulary id (with ``vocab_parallel_group``); default:
+            the sum of the shard sizes of the ranks before it in the group.
+        normalizer: with ``reduction="mean"``, divide ``Σ mask·ℓ`` by this number or 1-element tensor
+            instead of this call's ``Σ mask`` (0 → loss 0): the global token count of a data-parallel step
+            (Σ mask over ranks and accumulated micro-batches, e.g. all-reduced once per step), so that the
+            per-rank losses sum to the global mean (transformers' ``num_items_in_batch`` convention; a
+            data-parallel wrapper that averages gradients over R ranks, as DDP and FSDP2 do, then needs
+            the loss × R before ``backward``).
 
     Returns:
-        float32 loss (scalar, or ``[*]`` for ``reduction="none"``), and the stats dict if asked.
+        float32 loss (scalar, or ``[*]`` for ``reduction="none"``; float64 for float64 inputs), and the
+        stats dict if asked.
+
+    Autograd: differentiable once w.r.t. ``hidden``, ``weight`` and ``bias``; gradients come back in their
+    dtypes. Double backward is not supported: gradients taken with ``create_graph=True`` are the usual
+    first-order ones, but differentiating them raises a ``RuntimeError``. Under ``torch.autocast``,
+    ``hidden`` / ``weight`` / ``bias`` are cast to the autocast dtype (as ``F.linear`` would cast the LM
+    head; float64 stays) and the loss runs with autocast off, forward and backward in the same precision
+    (fp32 accumulation), so the fp32 parameter / bf16 activation mix of AMP is accepted. A ``DTensor``
+    ``weight`` (and ``bias``) placed ``Shard(0)`` on one mesh dimension is the vocabulary-parallel call over
+    that dimension (``torch.chunk`` layout), an all-``Replicate`` one is used locally, a replicated
+    ``hidden`` too; other placements raise a ``TypeError``. For an FSDP2-sharded LM head call the loss inside
+    the module's forward, where FSDP2 has unsharded it (``opd_kernels.nn.TopKRKLHead``).
+
+    ``torch.compile`` / ``torch.export``: the loss is the registered op ``opd_kernels::student_loss``
+    (``opd_kernels._ops``), so ``fullgraph=True`` holds. Under tracing the ``check_values`` content checks are
+    skipped, masked rows are computed and excluded with ``torch.where`` instead of dropped, only the
+    process-wide options apply, and ``skipped_tile_fraction`` stays NaN.
     """
     variant = V.check_variant(variant)
     reduction = V.check_reduction(reduction)
     temperature = V.check_temperature(temperature)
+    logit_scale, softcap = V.check_logit_scale(logit_scale), V.check_softcap(softcap)
+    normalizer = V.check_normalizer(normalizer, reduction)
+    hidden, weight, bias, group, start = _parallel_args(hidden, weight, bias, vocab_parallel_group, vocab_start_index)
+    hidden, weight, bias = _autocast_linear(hidden, weight, bias)
     V.check_linear(hidden, weight, bias)
     lead = hidden.shape[:-1]
     device = hidden.device
     k = V.check_teacher(teacher_ids, teacher_logprobs, lead, device)
     mask = V.check_mask(mask, lead, device)
     ignore = V.as_ignore_ids(ignore_ids, device)
-    name, impl = _backend(backend, device)
+    name, impl = _backend(backend, device, hidden.dtype)
     spec = build_spec(StudentLossSpec, name, impl.SUPPORTED, get_options(), variant=variant,
-                      temperature=temperature, need_stats=bool(return_stats))
+                      temperature=temperature, logit_scale=logit_scale, softcap=softcap,
+                      need_stats=bool(return_stats))
 
-    n, vocab = hidden[..., 0].numel(), weight.shape[0]
+    n, vocab = hidden[..., 0].numel(), _vocab(weight, group)
+    acc = _math.acc_dtype(hidden.dtype)
     ids = teacher_ids.reshape(n, k).long()
-    t = teacher_logprobs.reshape(n, k).float()
-    if get_options().check_values:
-        V.check_teacher_values(ids, t, vocab)
-    ids, t, valid = fold_slots(ids, t, ignore)
+    t = teacher_logprobs.reshape(n, k).to(acc)
+    weights = _float_weights(mask, acc)
+    counted = None if mask is None else weights != 0
+    if _ops.value_checks():
+        V.check_teacher_values(ids, t, vocab, rows=counted, ignore=ignore)
+    ids, t, valid = fold_slots(ids, t, ignore, vocab)
 
-    weights = _float_weights(mask)
-    keep = None if mask is None else weights != 0
+    keep = counted
     if not return_stats:
         # rows without a valid slot contribute 0 to value and gradient
         keep = valid.any(-1) if keep is None else keep & valid.any(-1)
@@ -157,11 +285,30 @@ def topk_rkl_loss(hidden, weight, teacher_ids, teacher_logprobs, mask=None, *, v
     h = hidden.reshape(n, hidden.shape[-1])
     if idx is not None:
         h, ids, t = h.index_select(0, idx), ids.index_select(0, idx), t.index_select(0, idx)
-    loss_rows, stats_rows = _student.student_loss(impl, h, weight, bias, ids, t, spec)
-    loss = _reduce(_scatter_rows(loss_rows, idx, n), weights, reduction, lead)
+    elif keep is not None and not _ops.drop_rows():
+        h, ids, t = _blank_rows(keep, h, ids, t)
+    loss_rows, stats_rows = _student_loss(name, h, weight, bias, ids, t, spec, group, start, weights)
+    loss = _reduce(_scatter_rows(loss_rows, idx, n), weights, reduction, lead, normalizer)
     if not return_stats:
         return loss
     return loss, _finish_stats(stats_rows, idx, n, keep, lead)
+
+
+def _vocab(weight, group):
+    """The vocabulary size that bounds teacher ids: V, or with a group ``distributed.UNKNOWN_VOCAB`` (ids are
+    global; an id no rank owns becomes an empty slot there, or a ``ValueError`` under ``check_values``)."""
+    if group is None:
+        return weight.shape[0]
+    from . import distributed
+    return distributed.UNKNOWN_VOCAB
+
+
+def _student_loss(name, h, weight, bias, ids, t, spec, group, start, weights):
+    """``_ops.student_loss``, or with a group the vocabulary-parallel plan (``opd_kernels.distributed``)."""
+    if group is None:
+        return _ops.student_loss(name, h, weight, bias, ids, t, spec)
+    from . import distributed
+    return distributed.student_loss(name, h, weight, bias, ids, t, spec, group, start, weights)
 
 
 def _finish_stats(stats_rows, idx, n, keep, lead):
@@ -170,57 +317,69 @@ def _finish_stats(stats_rows, idx, n, keep, lead):
         if value.dim() == 0:                   # a per-call scalar (skipped_tile_fraction)
             stats[name] = value
             continue
-        value = _scatter_rows(value.detach().float(), idx, n)
+        value = _scatter_rows(value.detach(), idx, n)
         if keep is not None and idx is None:
-            value = value * keep
+            value = torch.where(keep, value, 0.0)
         stats[name] = value.reshape(lead)
     return stats
 
 
+@_eager_when_distributed
 def sampled_token_rkl_loss(hidden, weight, token_ids, teacher_token_logprobs, mask=None, *, bias=None,
-                           temperature=1.0, reduction="mean", backend="auto", return_stats=False):
+                           temperature=1.0, logit_scale=1.0, softcap=None, reduction="mean", backend="auto",
+                           return_stats=False, vocab_parallel_group=None, vocab_start_index=None, normalizer=None):
     """The sampled-token OPD objective: value ``log p[x] − t_x``, gradient ``(log p[x] − t_x) ∇ log p[x]``.
 
     Args:
         hidden: ``[*, H]``; weight: ``[V, H]``; bias: optional ``[V]`` (as in :func:`topk_rkl_loss`).
         token_ids: ``[*]`` the rollout's token at each position (negative = masked).
         teacher_token_logprobs: ``[*]`` the teacher's log-prob of that token.
-        mask, temperature, reduction, backend: as in :func:`topk_rkl_loss`.
+        mask, temperature, logit_scale, softcap, reduction, backend: as in :func:`topk_rkl_loss`.
         return_stats: also return detached ``[*]`` stats ``kl`` (the per-token value), ``student_logprob``,
             ``teacher_logprob`` and ``entropy`` (0 at masked tokens), and ``skipped_tile_fraction`` as in
             :func:`topk_rkl_loss`.
+        vocab_parallel_group, vocab_start_index, normalizer: as in :func:`topk_rkl_loss` (``token_ids`` are
+            global ids; the vocabulary-parallel call moves ``[N]`` per collective: K = 1).
     """
     reduction = V.check_reduction(reduction)
     temperature = V.check_temperature(temperature)
+    logit_scale, softcap = V.check_logit_scale(logit_scale), V.check_softcap(softcap)
+    normalizer = V.check_normalizer(normalizer, reduction)
+    hidden, weight, bias, group, start = _parallel_args(hidden, weight, bias, vocab_parallel_group, vocab_start_index)
+    hidden, weight, bias = _autocast_linear(hidden, weight, bias)
     V.check_linear(hidden, weight, bias)
     lead = hidden.shape[:-1]
     device = hidden.device
     V.check_int_tensor("token_ids", token_ids, lead, device)
     V.check_float_tensor("teacher_token_logprobs", teacher_token_logprobs, lead, device)
     mask = V.check_mask(mask, lead, device)
-    name, impl = _backend(backend, device)
+    name, impl = _backend(backend, device, hidden.dtype)
     spec = build_spec(StudentLossSpec, name, impl.SUPPORTED, get_options(), variant="sampled",
-                      temperature=temperature, need_stats=bool(return_stats))
+                      temperature=temperature, logit_scale=logit_scale, softcap=softcap,
+                      need_stats=bool(return_stats))
 
-    n, vocab = hidden[..., 0].numel(), weight.shape[0]
+    n, vocab = hidden[..., 0].numel(), _vocab(weight, group)
+    acc = _math.acc_dtype(hidden.dtype)
     ids = token_ids.reshape(n, 1).long()
-    t = teacher_token_logprobs.reshape(n, 1).float()
-    live = ids[:, 0] >= 0
-    if get_options().check_values:
-        V.check_teacher_values(ids, t, vocab, "token_ids", "teacher_token_logprobs")
-        if bool(((t[:, 0] == float("-inf")) & live).any()):
-            raise ValueError("teacher_token_logprobs is -inf at a sampled token: the loss would be infinite")
+    t = teacher_token_logprobs.reshape(n, 1).to(acc)
+    live = (ids[:, 0] >= 0) & (ids[:, 0] < vocab)          # checks off: an out-of-range token is masked
+    mask_w = None if mask is None else _float_weights(mask, acc)
+    weights = live.to(acc) if mask_w is None else mask_w * live
+    keep = weights != 0
+    if _ops.value_checks():                                  # every token the mask counts (ids ≥ V refused)
+        V.check_teacher_values(ids, t, vocab, rows=None if mask_w is None else mask_w != 0, ids_name="token_ids",
+                               lp_name="teacher_token_logprobs", sampled=True)
     ids = torch.where(live[:, None], ids, -1)
     t = torch.where(live[:, None], t, 0.0)
 
-    weights = live.float() if mask is None else _float_weights(mask) * live
-    keep = weights != 0
     idx = _kept_rows(keep)
     h = hidden.reshape(n, hidden.shape[-1])
     if idx is not None:
         h, ids, t = h.index_select(0, idx), ids.index_select(0, idx), t.index_select(0, idx)
-    loss_rows, stats_rows = _student.student_loss(impl, h, weight, bias, ids, t, spec)
-    loss = _reduce(_scatter_rows(loss_rows, idx, n), weights, reduction, lead)
+    elif not _ops.drop_rows():
+        h, ids, t = _blank_rows(keep, h, ids, t)
+    loss_rows, stats_rows = _student_loss(name, h, weight, bias, ids, t, spec, group, start, weights)
+    loss = _reduce(_scatter_rows(loss_rows, idx, n), weights, reduction, lead, normalizer)
     if not return_stats:
         return loss
     t_rows = t[:, 0]
@@ -236,49 +395,107 @@ def sampled_token_rkl_loss(hidden, weight, token_ids, teacher_token_logprobs, ma
 
 # ---------------------------------------------------------------------------------------------- teacher
 
-def teacher_topk(hidden, weight, k, *, bias=None, temperature=1.0, ignore_ids=None, token_ids=None,
-                 backend="auto") -> TeacherTopK:
+@_eager_when_distributed
+def teacher_topk(hidden, weight, k, *, bias=None, temperature=1.0, logit_scale=1.0, softcap=None, ignore_ids=None,
+                 token_ids=None, backend="auto", vocab_parallel_group=None, vocab_start_index=None) -> TeacherTopK:
     """Teacher top-k ids and log-probs from hidden states × LM head, without ``[N, V]`` logits.
 
     Args:
         hidden: ``[*, H]`` teacher final hidden states; weight ``[V, H]`` (same dtype); bias optional ``[V]``.
         k: number of ids per position (1 ≤ k ≤ selectable vocabulary; the Triton backend supports k ≤ 256).
         temperature: logits are divided by it; log-probs are ``z / temperature − lse``.
-        ignore_ids: ids never selected (they still count in ``lse``).
+        logit_scale, softcap: the logit transforms before the temperature, as in :func:`topk_rkl_loss`
+            (``softcap · tanh(logit_scale · a / softcap)``); read them from a model with
+            ``opd_kernels.transformers.lm_head_spec``.
+        ignore_ids: ids never selected (they still count in ``lse``); ids outside ``[0, V)`` and duplicates
+            are skipped. A Python sequence is counted on the host; a tensor is counted (one device sync, shared
+            with the ``token_ids`` check) only under ``check_values`` — with checks off nothing syncs and ``k``
+            is checked against V only (a ``k`` above the selectable vocabulary then fills the surplus slots
+            with unspecified ids and log-probs).
         token_ids: optional ``[*]`` int ids whose log-probs are also returned (sampled-token objective).
+        vocab_parallel_group: a process group (or 1-D ``DeviceMesh``) over which the teacher's LM head is
+            sharded along the vocabulary: ``weight`` / ``bias`` are this rank's contiguous shard, ``hidden``
+            and ``token_ids`` are the same on every rank, ``ignore_ids`` / ``token_ids`` / the returned ids are
+            global. Each rank takes its local top-k and logsumexp; one all-gather of ``[N, 2k + 1]`` float64
+            candidates per call (one column more with ``token_ids``; plus the 15-element layout all-gather of
+            :func:`topk_rkl_loss`) and a merge
+            return the single-device call's ids and log-probs (exact ties → the lower id, as on one device).
+            Eager only (a graph break under ``torch.compile``). A ``Shard(0)`` DTensor ``weight`` does the same
+            over its mesh.
+        vocab_start_index: this rank's first global id (default: from the shard sizes of the group).
 
     Returns:
         :class:`TeacherTopK` ``(ids [*, k] int64, logprobs [*, k] float32, lse [*] float32,
-        token_logprobs [*] float32 or None)``; runs without autograd.
+        token_logprobs [*] float32 or None)``; runs without autograd. The registered op
+        ``opd_kernels::teacher_topk`` (``opd_kernels._ops``): compiles without a graph break; under tracing the
+        ``check_values`` checks are skipped and a tensor ``ignore_ids`` is not counted (``k`` ≤ V only).
     """
     temperature = V.check_temperature(temperature)
+    logit_scale, softcap = V.check_logit_scale(logit_scale), V.check_softcap(softcap)
+    hidden, weight, bias, group, start = _parallel_args(hidden, weight, bias, vocab_parallel_group, vocab_start_index)
+    hidden, weight, bias = _autocast_linear(hidden, weight, bias)
     V.check_linear(hidden, weight, bias)
     lead = hidden.shape[:-1]
     device = hidden.device
     vocab = weight.shape[0]
     if isinstance(k, bool) or not isinstance(k, int):
         raise TypeError(f"k must be an int, got {type(k).__name__}")
-    ignore = V.as_ignore_ids(ignore_ids, device)
-    if ignore is not None:
-        ignore = ignore[(ignore >= 0) & (ignore < vocab)].unique()
-    selectable = vocab - (0 if ignore is None else ignore.numel())
-    if not 1 <= k <= selectable:
-        raise ValueError(f"k must be in [1, {selectable}] (vocabulary {vocab} minus ignored ids), got {k}")
-    name, impl = _backend(backend, device)
-    max_k = getattr(impl, "MAX_TEACHER_K", None)
-    if max_k is not None and k > max_k:
-        raise ValueError(f"backend={name!r} supports k ≤ {max_k}, got k = {k}")
-    spec = build_spec(TeacherSpec, name, impl.TEACHER_SUPPORTED, get_options(), k=k, temperature=temperature)
     n = hidden[..., 0].numel()
+    checks = _ops.value_checks()
+    shard = None
+    if group is not None:          # the global vocabulary: known on the host under check_values
+        from . import distributed
+        shard = distributed.layout(group, vocab, start, device,
+                                   f"teacher|{k}|{temperature}|{logit_scale}|{softcap}|{bias is not None}",
+                                   (hidden, token_ids), checks=checks)
+        vocab = distributed.UNKNOWN_VOCAB if shard.vocab is None else shard.vocab
+    # ignored ids: a Python sequence is counted on the host; a tensor only under check_values (one sync).
+    # The backends skip ids outside [0, V) and duplicates, so the ids go to them unfiltered (no sync).
+    host_ids = None
+    if ignore_ids is not None and not isinstance(ignore_ids, torch.Tensor):
+        try:
+            host_ids = list(ignore_ids)
+        except TypeError:
+            host_ids = None                                # as_ignore_ids words the error
+    ignore = V.as_ignore_ids(ignore_ids if host_ids is None else host_ids, device)
+    n_ignored = 0                                          # 0 when unknown (a tensor with checks off)
+    if ignore is not None and host_ids is not None:
+        n_ignored = len({int(i) for i in host_ids if 0 <= i < vocab})
     tok = None
     if token_ids is not None:
         V.check_int_tensor("token_ids", token_ids, lead, device)
         tok = token_ids.reshape(n).long()
-        if get_options().check_values and n and bool(((tok < 0) | (tok >= vocab)).any()):
-            raise ValueError(f"token_ids must be in [0, {vocab}) (the teacher vocabulary)")
+    bad_tokens = False
+    if checks:
+        flags = []
+        if ignore is not None and host_ids is None:
+            from .torch_backend import banned_vocab
+            flags.append(banned_vocab(ignore, vocab).sum())
+        if tok is not None and n:
+            flags.append(((tok < 0) | (tok >= vocab)).sum())
+        if flags:
+            values = torch.stack(flags).tolist()                 # the one sync
+            if ignore is not None and host_ids is None:
+                n_ignored = values.pop(0)
+            bad_tokens = bool(values and values[0])
+    selectable = vocab - n_ignored
+    if not 1 <= k <= selectable:
+        raise ValueError(f"k must be in [1, {selectable}] (vocabulary {vocab} minus ignored ids), got {k}")
+    name, impl = _backend(backend, device, hidden.dtype)
+    max_k = getattr(impl, "MAX_TEACHER_K", None)
+    if max_k is not None and k > max_k:
+        raise ValueError(f"backend={name!r} supports k ≤ {max_k}, got k = {k}")
+    spec = build_spec(TeacherSpec, name, impl.TEACHER_SUPPORTED, get_options(), k=k, temperature=temperature,
+                      logit_scale=logit_scale, softcap=softcap)
+    if bad_tokens:
+        raise ValueError(f"token_ids must be in [0, {vocab}) (the teacher vocabulary)")
     with torch.no_grad():
-        ids, logprobs, lse, token_lp = impl.teacher_topk(hidden.reshape(n, hidden.shape[-1]), weight, bias,
-                                                         ignore, tok, spec)
+        if shard is None:
+            ids, logprobs, lse, token_lp = _ops.teacher_topk(name, hidden.reshape(n, hidden.shape[-1]), weight,
+                                                             bias, ignore, tok, spec)
+        else:
+            ids, logprobs, lse, token_lp = distributed.teacher_topk(name, hidden.reshape(n, hidden.shape[-1]),
+                                                                    weight, bias, ignore, tok, spec, shard)
     return TeacherTopK(ids.reshape(*lead, k), logprobs.reshape(*lead, k), lse.reshape(lead),
                        None if token_lp is None else token_lp.reshape(lead))
 
@@ -288,35 +505,42 @@ def teacher_topk(hidden, weight, k, *, bias=None, temperature=1.0, ignore_ids=No
 class TopKRKLLoss(torch.nn.Module):
     """Module form of :func:`topk_rkl_loss`: the constructor takes the options, ``forward`` the tensors."""
 
-    def __init__(self, *, variant="stopgrad", temperature=1.0, ignore_ids=None, reduction="mean", backend="auto",
-                 return_stats=False):
+    def __init__(self, *, variant="stopgrad", temperature=1.0, logit_scale=1.0, softcap=None, ignore_ids=None,
+                 reduction="mean", backend="auto", return_stats=False):
         super().__init__()
         V.check_variant(variant)
         V.check_reduction(reduction)
         V.check_choice("backend", backend, V.BACKENDS)
         self.variant, self.temperature, self.ignore_ids = variant, V.check_temperature(temperature), ignore_ids
+        self.logit_scale, self.softcap = V.check_logit_scale(logit_scale), V.check_softcap(softcap)
         self.reduction, self.backend, self.return_stats = reduction, backend, return_stats
 
     def forward(self, hidden, weight, teacher_ids, teacher_logprobs, mask=None, bias=None):
         return topk_rkl_loss(hidden, weight, teacher_ids, teacher_logprobs, mask, variant=self.variant, bias=bias,
-                             temperature=self.temperature, ignore_ids=self.ignore_ids, reduction=self.reduction,
-                             backend=self.backend, return_stats=self.return_stats)
+                             temperature=self.temperature, logit_scale=self.logit_scale, softcap=self.softcap,
+                             ignore_ids=self.ignore_ids, reduction=self.reduction, backend=self.backend,
+                             return_stats=self.return_stats)
 
     def extra_repr(self):
-        return f"variant={self.variant!r}, temperature={self.temperature}, reduction={self.reduction!r}"
+        extra = "" if self.logit_scale == 1.0 else f", logit_scale={self.logit_scale}"
+        extra += "" if self.softcap is None else f", softcap={self.softcap}"
+        return f"variant={self.variant!r}, temperature={self.temperature}{extra}, reduction={self.reduction!r}"
 
 
 class SampledTokenRKLLoss(torch.nn.Module):
     """Module form of :func:`sampled_token_rkl_loss`."""
 
-    def __init__(self, *, temperature=1.0, reduction="mean", backend="auto", return_stats=False):
+    def __init__(self, *, temperature=1.0, logit_scale=1.0, softcap=None, reduction="mean", backend="auto",
+                 return_stats=False):
         super().__init__()
         V.check_reduction(reduction)
         V.check_choice("backend", backend, V.BACKENDS)
         self.temperature, self.reduction = V.check_temperature(temperature), reduction
+        self.logit_scale, self.softcap = V.check_logit_scale(logit_scale), V.check_softcap(softcap)
         self.backend, self.return_stats = backend, return_stats
 
     def forward(self, hidden, weight, token_ids, teacher_token_logprobs, mask=None, bias=None):
         return sampled_token_rkl_loss(hidden, weight, token_ids, teacher_token_logprobs, mask, bias=bias,
-                                      temperature=self.temperature, reduction=self.reduction, backend=self.backend,
+                                      temperature=self.temperature, logit_scale=self.logit_scale,
+                                      softcap=self.softcap, reduction=self.reduction, backend=self.backend,
                                       return_stats=self.return_stats)

@@ -5,28 +5,39 @@ Rows are processed in chunks so that the only vocabulary-sized temporaries are `
 memory O(chunk·V), independent of N). Between forward and backward only O(N·K) state is kept (``lse [N]``,
 ``g [N, K]``); the dense backward recomputes the logits chunk by chunk. The sweep is one "split" covering
 the whole vocabulary (``S = 1``) and gathers the logits at the ids for free.
+
+Precision: logits, softmax statistics and gradient accumulators are float32 (float64 for float64 inputs, the
+gradcheck path). For 16-bit inputs the logits are fp32 products and sums, never rounded to the input dtype:
+each chunk multiplies ``h.float()`` by the weight cast to fp32 one vocabulary block at a time (a block's fp32
+copy is at most 1/8 of ``memory_budget_bytes``; no full fp32 copy of the weight is made). The gradient
+``dz`` is rounded to the input dtype only for the ``dz · W`` product (as the Triton backend does).
 """
 
 from __future__ import annotations
 
 import torch
 
+from ._math import acc_dtype
+from ._topk import topk_lower_id
 from ._spec import GradBuffers, Partials
 
 #: Spec fields this backend implements (``opd_kernels._spec``).
-SUPPORTED = frozenset({"variant", "temperature", "need_stats", "chunk_size", "memory_budget_bytes"})
+SUPPORTED = frozenset({"variant", "temperature", "logit_scale", "softcap", "need_stats", "chunk_size",
+                       "memory_budget_bytes"})
 #: Teacher spec fields this backend implements.
-TEACHER_SUPPORTED = frozenset({"k", "temperature", "chunk_size", "memory_budget_bytes"})
+TEACHER_SUPPORTED = frozenset({"k", "temperature", "logit_scale", "softcap", "chunk_size", "memory_budget_bytes"})
 
 #: Bytes of [chunk, V] temporaries alive at once per logit element (fp32 logits, probabilities, gradient, cast).
 _BYTES_PER_LOGIT = 16
 
 
 def chunk_rows(n_rows: int, vocab_size: int, spec) -> int:
-    """Rows per chunk: ``spec.chunk_size``, else as many as fit ``spec.memory_budget_bytes``."""
+    """Rows per chunk: ``spec.chunk_size``, else as many as fit ``spec.memory_budget_bytes`` (a soft-cap's
+    backward keeps one more fp32 ``[chunk, V]`` temporary, the factor ``1 − (z / cap)²``)."""
     if spec.chunk_size is not None:
         return max(1, int(spec.chunk_size))
-    return max(1, min(max(n_rows, 1), spec.memory_budget_bytes // (_BYTES_PER_LOGIT * vocab_size)))
+    per_logit = _BYTES_PER_LOGIT + (4 if getattr(spec, "softcap", None) is not None else 0)
+    return max(1, min(max(n_rows, 1), spec.memory_budget_bytes // (per_logit * vocab_size)))
 
 
 def _gather_rows(n_rows, vocab_size, k, hidden_size, spec):
@@ -34,14 +45,46 @@ def _gather_rows(n_rows, vocab_size, k, hidden_size, spec):
     return max(1, chunk_rows(n_rows, vocab_size, spec) * vocab_size // max(1, k * hidden_size))
 
 
-def _logits(h, weight, bias, inv_tau):
-    """fp32 ``(h Wᵀ + b) / τ`` for one chunk of rows, ``[c, V]`` (matmul in the input dtype)."""
-    z = (h @ weight.T).float()
+def _weight_block_rows(vocab_size, hidden_size, spec):
+    """Rows of a 16-bit weight cast to fp32 at once: the fp32 block is ≤ 1/8 of ``memory_budget_bytes``."""
+    return max(1, min(vocab_size, spec.memory_budget_bytes // (8 * 4 * max(1, hidden_size))))
+
+
+def _softcap(z, cap):
+    """``cap · tanh(z / cap)`` in place (z: scaled logits in z units, ``cap = softcap / τ``); None: unchanged."""
+    if cap is None:
+        return z
+    return z.div_(cap).tanh_().mul_(cap)
+
+
+def _capped_slope(z, cap):
+    """``1 − (z / cap)²``: the soft-cap's derivative ``∂z / ∂(inv_tau · a)`` from the capped logits ``z``."""
+    t = z / cap
+    return t.mul_(t).neg_().add_(1.0)
+
+
+def _logits(h, weight, bias, inv_tau, spec):
+    """``z = transform(h Wᵀ + b) / τ`` for one chunk of rows, ``[c, V]``, in ``acc_dtype``: ``inv_tau ·
+    (h Wᵀ + b)`` (``inv_tau = logit_scale / τ``), soft-capped at ``spec.cap`` when set (for 16-bit inputs:
+    fp32 products of ``h`` and fp32 blocks of the weight, so no logit is rounded to 16 bits)."""
+    acc = acc_dtype(weight.dtype)
+    if weight.dtype == acc:
+        z = h @ weight.T
+    else:
+        vocab = weight.shape[0]
+        hf = h.to(acc)
+        step = _weight_block_rows(vocab, weight.shape[1], spec)
+        if step >= vocab:
+            z = hf @ weight.to(acc).T
+        else:
+            z = torch.empty(h.shape[0], vocab, dtype=acc, device=h.device)
+            for v0 in range(0, vocab, step):
+                torch.mm(hf, weight[v0:v0 + step].to(acc).T, out=z[:, v0:v0 + step])
     if bias is not None:
-        z += bias.float()
+        z += bias.to(acc)
     if inv_tau != 1.0:
         z *= inv_tau
-    return z
+    return _softcap(z, spec.cap)
 
 
 # ----------------------------------------------------------------------------------------------- forward
@@ -51,13 +94,13 @@ def lse_partials(hidden, weight, bias, ids, spec) -> Partials:
     n, vocab = hidden.shape[0], weight.shape[0]
     dev = hidden.device
     safe_ids = ids.clamp_min(0)
-    m = torch.empty(1, n, dtype=torch.float32, device=dev)
+    m = torch.empty(1, n, dtype=acc_dtype(hidden.dtype), device=dev)
     s = torch.empty_like(m)
     e = torch.empty_like(m) if spec.need_stats else None
-    z_sel = torch.empty(ids.shape, dtype=torch.float32, device=dev)
+    z_sel = torch.empty(ids.shape, dtype=m.dtype, device=dev)
     step = chunk_rows(n, vocab, spec)
     for r in range(0, n, step):
-        z = _logits(hidden[r:r + step], weight, bias, spec.inv_tau)        # [c, V]
+        z = _logits(hidden[r:r + step], weight, bias, spec.inv_tau, spec)  # [c, V]
         z_sel[r:r + step] = z.gather(1, safe_ids[r:r + step])
         top = z.max(-1).values                                              # [c]
         zc = z.sub_(top[:, None])                                           # z − m (in place)
@@ -71,43 +114,49 @@ def lse_partials(hidden, weight, bias, ids, spec) -> Partials:
 
 
 def gather_logits(hidden, weight, bias, ids, spec):
-    """fp32 student logits at ``ids [N, K]`` by gathered dot products (no vocabulary sweep)."""
+    """Student logits (``acc_dtype``) at ``ids [N, K]`` by gathered dot products (no vocabulary sweep)."""
     n, k = ids.shape
     safe_ids = ids.clamp_min(0)
-    out = torch.empty(ids.shape, dtype=torch.float32, device=hidden.device)
+    acc = acc_dtype(hidden.dtype)
+    out = torch.empty(ids.shape, dtype=acc, device=hidden.device)
     step = _gather_rows(n, weight.shape[0], k, hidden.shape[1], spec)
     for r in range(0, n, step):
         i = safe_ids[r:r + step]
-        z = torch.einsum("ch,ckh->ck", hidden[r:r + step].float(), weight[i].float())
+        z = torch.einsum("ch,ckh->ck", hidden[r:r + step].to(acc), weight[i].to(acc))
         if bias is not None:
-            z += bias.float()[i]
-        out[r:r + step] = z * spec.inv_tau
+            z += bias.to(acc)[i]
+        out[r:r + step] = _softcap(z * spec.inv_tau, spec.cap)
     return out
 
 
 # ---------------------------------------------------------------------------------------------- backward
 
 def grad_buffers(hidden, weight, bias, need_h, need_w, need_b, dense) -> GradBuffers:
-    """fp32 accumulators: ``[N, H]`` dense grad_h, ``[V, H]`` grad_W, ``[V]`` grad_b."""
-    f32 = dict(dtype=torch.float32, device=hidden.device)
+    """Accumulators (``acc_dtype``): ``[N, H]`` dense grad_h, ``[V, H]`` grad_W, ``[V]`` grad_b."""
+    f32 = dict(dtype=acc_dtype(hidden.dtype), device=hidden.device)
     return GradBuffers(need_h=need_h, h=torch.zeros(hidden.shape, **f32) if (need_h and dense) else None,
                        w=torch.zeros(weight.shape, **f32) if need_w else None,
                        b=torch.zeros(weight.shape[0], **f32) if need_b else None)
 
 
 def dense_backward(hidden, weight, bias, lse, c, spec, buf: GradBuffers):
-    """``dz = −c π / τ`` per chunk of rows: ``buf.h += dz W``, ``buf.w += dzᵀ h``, ``buf.b += Σ_n dz``."""
+    """``dz = −c π · inv_tau`` (times ``1 − (z / cap)²`` with a soft-cap) per chunk of rows: ``buf.h += dz W``,
+    ``buf.w += dzᵀ h``, ``buf.b += Σ_n dz``."""
     n, vocab = hidden.shape[0], weight.shape[0]
     step = chunk_rows(n, vocab, spec)
     for r in range(0, n, step):
         h_c = hidden[r:r + step]
-        z = _logits(h_c, weight, bias, spec.inv_tau)
+        z = _logits(h_c, weight, bias, spec.inv_tau, spec)
+        slope = None if spec.cap is None else _capped_slope(z, spec.cap)
         dz = torch.exp_(z.sub_(lse[r:r + step, None])).mul_((-c[r:r + step] * spec.inv_tau)[:, None])
+        if slope is not None:
+            dz.mul_(slope)
+            del slope
         if buf.h is not None:
-            buf.h[r:r + step] += (dz @ weight) if weight.dtype == torch.float32 else \
-                (dz.to(weight.dtype) @ weight).float()
+            buf.h[r:r + step] += (dz @ weight) if weight.dtype == dz.dtype else \
+                (dz.to(weight.dtype) @ weight).to(dz.dtype)
         if buf.w is not None:
-            buf.w.addmm_(dz.T, h_c.float())
+            buf.w.addmm_(dz.T, h_c.to(dz.dtype))
         if buf.b is not None:
             buf.b += dz.sum(0)
         del z, dz
@@ -119,17 +168,18 @@ def sparse_backward(hidden, weight, ids, gs, spec, buf: GradBuffers):
     n, k = ids.shape
     hdim = hidden.shape[1]
     safe_ids = ids.clamp_min(0)                                            # gs is 0 at invalid slots
+    acc = acc_dtype(hidden.dtype)
+    gs = gs.to(acc)
     grad_h = None
     if buf.need_h:
-        grad_h = buf.h if buf.h is not None else torch.zeros(hidden.shape, dtype=torch.float32,
-                                                             device=hidden.device)
+        grad_h = buf.h if buf.h is not None else torch.zeros(hidden.shape, dtype=acc, device=hidden.device)
     step = _gather_rows(n, weight.shape[0], k, hdim, spec)
     for r in range(0, n, step):
         g_c, i_c = gs[r:r + step], safe_ids[r:r + step]
         if grad_h is not None:
-            grad_h[r:r + step] += torch.einsum("ck,ckh->ch", g_c, weight[i_c].float())
+            grad_h[r:r + step] += torch.einsum("ck,ckh->ch", g_c, weight[i_c].to(acc))
         if buf.w is not None:
-            rows = (g_c.unsqueeze(-1) * hidden[r:r + step].float().unsqueeze(1)).reshape(-1, hdim)
+            rows = (g_c.unsqueeze(-1) * hidden[r:r + step].to(acc).unsqueeze(1)).reshape(-1, hdim)
             buf.w.index_add_(0, i_c.reshape(-1), rows)
         if buf.b is not None:
             buf.b.index_add_(0, i_c.reshape(-1), g_c.reshape(-1))
@@ -140,19 +190,34 @@ def sparse_backward(hidden, weight, ids, gs, spec, buf: GradBuffers):
 
 # ----------------------------------------------------------------------------------------------- teacher
 
-def input_grads(hidden, weight, bias, ids, lse, g, spec, need_h, need_w, need_b, skipped=None):
-    """The backward primitive: fp32 buffers, the dense part when ``lse`` is given, then the sparse part.
-    Nothing is skipped (``skipped`` receives 0)."""
+def input_grads(hidden, weight, bias, ids, lse, g, spec, need_h, need_w, need_b, skipped=None, c=None):
+    """The backward primitive: fp32 buffers, the dense part when ``lse`` is given, then the sparse part
+    ``g · inv_tau`` (with a soft-cap times ``1 − (z / cap)²`` at the ids, from re-gathered logits).
+    Nothing is skipped (``skipped`` receives 0). ``c [N]``: the dense coefficient, default ``g.sum(-1)``
+    (a vocabulary shard passes the global one: ``opd_kernels.distributed``)."""
     if skipped is not None:
         skipped.fill_(0.0)
     buf = grad_buffers(hidden, weight, bias, need_h, need_w, need_b, dense=lse is not None)
     if lse is not None:
-        dense_backward(hidden, weight, bias, lse, g.sum(-1), spec, buf)
-    return sparse_backward(hidden, weight, ids, g * spec.inv_tau, spec, buf)
+        dense_backward(hidden, weight, bias, lse, g.sum(-1) if c is None else c, spec, buf)
+    gs = g * spec.inv_tau
+    if spec.cap is not None:
+        gs = gs * _capped_slope(gather_logits(hidden, weight, bias, ids, spec), spec.cap)
+    return sparse_backward(hidden, weight, ids, gs, spec, buf)
+
+
+def banned_vocab(ignore_ids, vocab_size):
+    """``[V]`` bool, True at the ids of ``ignore_ids`` (int64, any values: ids outside ``[0, V)`` are dropped),
+    without a device sync (out-of-range ids are scattered into a spare slot V that is cut off)."""
+    banned = torch.zeros(vocab_size + 1, dtype=torch.bool, device=ignore_ids.device)
+    in_range = (ignore_ids >= 0) & (ignore_ids < vocab_size)
+    banned[torch.where(in_range, ignore_ids, vocab_size)] = True
+    return banned[:vocab_size]
 
 
 def teacher_topk(hidden, weight, bias, ignore_ids, token_ids, spec):
-    """Chunked teacher top-k: per chunk of rows, logits → lse and top-k (ignored ids never selected)."""
+    """Chunked teacher top-k: per chunk of rows, logits → lse and top-k (ignored ids never selected; ids of
+    ``ignore_ids`` outside ``[0, V)`` are skipped; exact ties → the lower id, ``opd_kernels._topk``)."""
     n, vocab = hidden.shape[0], weight.shape[0]
     k = spec.k
     dev = hidden.device
@@ -161,16 +226,20 @@ def teacher_topk(hidden, weight, bias, ignore_ids, token_ids, spec):
     lse = torch.empty(n, dtype=torch.float32, device=dev)
     token_logprobs = None if token_ids is None else torch.empty(n, dtype=torch.float32, device=dev)
     step = chunk_rows(n, vocab, spec)
+    banned = None if ignore_ids is None or not ignore_ids.numel() else banned_vocab(ignore_ids, vocab)
     with torch.no_grad():
         for r in range(0, n, step):
-            z = _logits(hidden[r:r + step], weight, bias, 1.0 / spec.temperature)
+            z = _logits(hidden[r:r + step], weight, bias, spec.inv_tau, spec)
             lse_c = z.logsumexp(-1)
             lse[r:r + step] = lse_c
             if token_ids is not None:
-                token_logprobs[r:r + step] = z.gather(1, token_ids[r:r + step, None])[:, 0] - lse_c
-            if ignore_ids is not None and ignore_ids.numel():
-                z.index_fill_(1, ignore_ids, float("-inf"))
-            vals, idx = z.topk(k, dim=-1)
+                tok = token_ids[r:r + step]
+                inside = (tok >= 0) & (tok < vocab)        # checks off: -inf outside the vocabulary
+                tz = z.gather(1, torch.where(inside, tok, 0)[:, None])[:, 0]
+                token_logprobs[r:r + step] = torch.where(inside, tz - lse_c, float("-inf"))
+            if banned is not None:
+                z.masked_fill_(banned, float("-inf"))
+            vals, idx = topk_lower_id(z, k)                # exact ties → lower id, as the Triton kernel
             ids[r:r + step] = idx
             logprobs[r:r + step] = vals - lse_c.unsqueeze(-1)
             del z

@@ -12,8 +12,20 @@ import torch
 TAIL_EPS = 1e-12
 
 
-def student_log_probs(hidden, weight, bias=None, temperature=1.0, compute_dtype=torch.float64):
-    """``log_softmax((hidden @ weight.T + bias) / temperature)`` over the full vocabulary, ``[N, V]``.
+def transform_logits(logits, logit_scale=1.0, softcap=None):
+    """The logit transforms applied before the temperature: ``logit_scale · a`` and, with a ``softcap`` c,
+    ``c · tanh(logit_scale · a / c)`` (Gemma-2/3's final-logit soft-capping, Cohere's / Granite's scales)."""
+    if logit_scale != 1.0:
+        logits = logits * logit_scale
+    if softcap is not None:
+        logits = softcap * torch.tanh(logits / softcap)
+    return logits
+
+
+def student_log_probs(hidden, weight, bias=None, temperature=1.0, compute_dtype=torch.float64, *,
+                      logit_scale=1.0, softcap=None):
+    """``log_softmax(transform(hidden @ weight.T + bias) / temperature)`` over the full vocabulary, ``[N, V]``
+    (``transform``: :func:`transform_logits`).
 
     ``compute_dtype=None`` computes in the input dtype (the plain bf16 PyTorch baseline: bf16 logits,
     log-softmax in that dtype).
@@ -24,6 +36,7 @@ def student_log_probs(hidden, weight, bias=None, temperature=1.0, compute_dtype=
     logits = hidden @ weight.T
     if bias is not None:
         logits = logits + bias
+    logits = transform_logits(logits, logit_scale, softcap)
     return torch.log_softmax(logits / temperature, dim=-1)
 
 
@@ -109,7 +122,7 @@ def _stats(lead, log_p, mask, **per_token):
 
 def topk_rkl_loss(hidden, weight, teacher_ids, teacher_logprobs, mask=None, *, variant="stopgrad", bias=None,
                   temperature=1.0, ignore_ids=None, reduction="mean", return_stats=False,
-                  compute_dtype=torch.float64):
+                  compute_dtype=torch.float64, logit_scale=1.0, softcap=None):
     """Reference of ``opd_kernels.topk_rkl_loss`` (same arguments, minus ``backend``).
 
     hidden [*, H], weight [V, H], teacher_ids / teacher_logprobs [*, K], mask [*].
@@ -117,7 +130,8 @@ def topk_rkl_loss(hidden, weight, teacher_ids, teacher_logprobs, mask=None, *, v
     lead = hidden.shape[:-1]
     h = hidden.reshape(-1, hidden.shape[-1])
     ids = teacher_ids.reshape(-1, teacher_ids.shape[-1]).long()
-    log_p = student_log_probs(h, weight, bias, temperature, compute_dtype)
+    log_p = student_log_probs(h, weight, bias, temperature, compute_dtype, logit_scale=logit_scale,
+                              softcap=softcap)
     t = teacher_logprobs.reshape(ids.shape).to(log_p.dtype)
     valid = support(ids, t, ignore_ids)
     t = _masked(t, valid)                                   # -inf -> 0 where invalid, kept out of every sum
@@ -134,13 +148,15 @@ def topk_rkl_loss(hidden, weight, teacher_ids, teacher_logprobs, mask=None, *, v
 
 
 def sampled_token_rkl_loss(hidden, weight, token_ids, teacher_token_logprobs, mask=None, *, bias=None,
-                           temperature=1.0, reduction="mean", return_stats=False, compute_dtype=torch.float64):
+                           temperature=1.0, reduction="mean", return_stats=False, compute_dtype=torch.float64,
+                           logit_scale=1.0, softcap=None):
     """Reference of ``opd_kernels.sampled_token_rkl_loss``: value log p[x] − t_x, gradient
     (log p[x] − t_x) ∇ log p[x]. token_ids [*] (negative = masked), teacher_token_logprobs [*]."""
     lead = hidden.shape[:-1]
     h = hidden.reshape(-1, hidden.shape[-1])
     x = token_ids.reshape(-1).long()
-    log_p = student_log_probs(h, weight, bias, temperature, compute_dtype)
+    log_p = student_log_probs(h, weight, bias, temperature, compute_dtype, logit_scale=logit_scale,
+                              softcap=softcap)
     t = teacher_token_logprobs.reshape(-1).to(log_p.dtype)
     live = x >= 0
     log_p_x = log_p.gather(1, x.clamp_min(0)[:, None])[:, 0]

@@ -6,6 +6,8 @@ from typing import NamedTuple, Optional
 
 import torch
 
+from .losses import transform_logits
+
 
 class TeacherTopK(NamedTuple):
     ids: torch.Tensor                        # [*, k] int64, by descending log-prob
@@ -15,8 +17,9 @@ class TeacherTopK(NamedTuple):
 
 
 def teacher_topk(hidden, weight, k, *, bias=None, temperature=1.0, ignore_ids=None, token_ids=None,
-                 compute_dtype=torch.float64):
-    """Top-k of ``z = (hidden @ weight.T + bias) / temperature``; log-probs are ``z − lse`` over the full
+                 compute_dtype=torch.float64, logit_scale=1.0, softcap=None):
+    """Top-k of ``z = transform(hidden @ weight.T + bias) / temperature`` (``transform``:
+    ``reference.losses.transform_logits``, logit scale and soft-cap); log-probs are ``z − lse`` over the full
     vocabulary; ``ignore_ids`` are never selected but stay in ``lse``; ``token_ids [*]`` asks for the
     log-prob of given tokens."""
     lead = hidden.shape[:-1]
@@ -24,7 +27,7 @@ def teacher_topk(hidden, weight, k, *, bias=None, temperature=1.0, ignore_ids=No
     logits = h @ weight.to(compute_dtype).T
     if bias is not None:
         logits = logits + bias.to(compute_dtype)
-    z = logits / temperature
+    z = transform_logits(logits, logit_scale, softcap) / temperature
     lse = z.logsumexp(-1)
     selectable = z
     if ignore_ids is not None:

@@ -187,8 +187,8 @@ def test_unsupported_spec_field_raises_before_dispatch(backend, device, monkeypa
     from opd_kernels import api
     name, impl = api._backend(backend, torch.device(device))
     monkeypatch.setattr(impl, "SUPPORTED", impl.SUPPORTED - {"temperature"})
-    monkeypatch.setattr(_student.StudentLossFunction, "apply",
-                        lambda *a: pytest.fail("dispatched despite an unsupported field"))
+    from opd_kernels import _ops
+    monkeypatch.setattr(_ops, "student_loss", lambda *a: pytest.fail("dispatched despite an unsupported field"))
     p = _on_device(leaf_copies(make_problem(n=5, v=64, h=8, k=3, seed=1), torch.float32), device)
     with pytest.raises(ValueError, match=rf"backend='{backend}' does not support temperature"):
         _run(ok.topk_rkl_loss, p, backend=backend, temperature=0.5)

@@ -37,9 +37,9 @@ def rows(tok):
     return prompts, responses, contexts
 
 
-def _micro(tok, seed):
+def _micro(tok, seed, attn=None):
     torch.manual_seed(seed)
-    m = tiny_llama("micro", tok, seed=seed)
+    m = tiny_llama("micro", tok, seed=seed, attn_implementation=attn)
     with torch.no_grad():   # non-trivial weights everywhere (norm gains included)
         for p in m.parameters():
             p.add_(0.05 * torch.randn_like(p))

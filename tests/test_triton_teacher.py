@@ -254,12 +254,16 @@ def test_compile_specs_cover_production_configs():
     for arch in (90, 80):
         specs = TT.compile_specs(4096, arch=arch)
         assert {s.kernel for s in specs} == ({f"teacher_sweep_k{k}" for k in (1, 20, 64, 128, 256)}
-                                             | {"teacher_sweep_k64_ignore", "teacher_sweep_k256_ignore"})
+                                             | {"teacher_sweep_k64_ignore", "teacher_sweep_k256_ignore"}
+                                             | {f"teacher_sweep_k{k}_softcap" for k in (1, 64, 256)}
+                                             | {"teacher_sweep_k256_ignore_softcap"})
         for s in specs:
             assert set(s.constexprs) <= set(s.signature)
             assert all(s.signature[c] == "constexpr" for c in s.constexprs)
             assert s.has_matmul and s.signature["b_ptr"] == "*bf16" and s.constexprs["HW"]
-            assert s.constexprs["HAS_IGNORE"] == s.kernel.endswith("_ignore")
+            assert s.constexprs["HAS_IGNORE"] == ("_ignore" in s.kernel)
+            assert s.constexprs["SOFTCAP"] == s.kernel.endswith("_softcap")
+            assert s.signature["softcap"] == "fp32"
             tma = s.constexprs["TMA"]
             assert tma == (arch >= 90)
             assert s.signature["h_src"] == (f"tensordesc<bf16[{s.constexprs['BN']}, {s.constexprs['BH']}]>"

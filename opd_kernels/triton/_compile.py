@@ -43,7 +43,7 @@ _SCALAR_RULES = (
     (re.compile(r"^[A-Z][A-Z0-9_]*$"), "i32"),                     # runtime sizes: N, V, H, K, M, NN, K_SEL
     (re.compile(r"^((n|tile|tiles|row_blocks)_\w+|\w+_per_\w+|(row|col)\d+)$"), "i32"),  # counts, offsets
     (re.compile(r"^(\w+_)?stride(_\w+)?$"), "i64"),              # x_stride, stride_am, flag_stride_m
-    (re.compile(r"^(inv_tau|filter_eps)$"), "fp32"),
+    (re.compile(r"^(inv_tau|filter_eps|softcap)$"), "fp32"),
 )
 
 #: Integer values at the production shape (the issue's target: N=16384, V=128256, K=64; ``H`` is the build's

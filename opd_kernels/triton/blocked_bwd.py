@@ -48,7 +48,7 @@ import triton
 import triton.language as tl
 
 from . import _configs
-from ._common import TL_DTYPE, alloc, device_info, dot_precision, interpreting, launch_kw, logit_acc
+from ._common import TL_DTYPE, alloc, device_info, dot_precision, interpreting, launch_kw, logit_acc, tanh
 from ._compile import CompileSpec
 
 
@@ -67,20 +67,25 @@ def _grouped_tile(pid, n_tiles_m, n_tiles_n, GROUP: tl.constexpr):
 def _dz_kernel(
     # pointers (h_src / w_src: tensor descriptors with blocks [BN, BH] / [BV, BH] when TMA, else pointers)
     h_src, w_src, b_ptr, lse_ptr, c_ptr, thr_ptr, ids_ptr, gs_ptr, bounds_ptr, dz_ptr, flag_ptr, gb_ptr,
-    # sizes and scalars
-    H, K, inv_tau,
+    # sizes and scalars (inv_tau = logit_scale / τ; softcap = the cap in z units, read only with SOFTCAP)
+    H, K, inv_tau, softcap,
     # launch plan: the block's first row / column, its extent, the dz, flag and bounds row strides
     row0, col0, n_rows, n_cols, dz_stride, flag_stride, bounds_stride,
     # constexpr flags
     HAS_BIAS: tl.constexpr, DENSE: tl.constexpr, SPARSE: tl.constexpr, COMPUTE_DB: tl.constexpr,
-    FILTER: tl.constexpr, TMA: tl.constexpr,
+    FILTER: tl.constexpr, SOFTCAP: tl.constexpr, TMA: tl.constexpr,
     # tiles
     BN: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr, GROUP: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     """dz [BN, BV] of one tile of the block rows [row0, row0 + n_rows) × columns [col0, col0 + n_cols):
     ``−c π / τ`` (zeroed when every π_nj of the tile is below its row's threshold ``thr_n``, see
     :func:`filter_thresholds`) plus the row's sorted slots whose ids fall in the tile. Writes dz (input dtype), the tile's flag (1 = non-zero) and its fp32
-    column sums (``gb_ptr[tile_m, col]``)."""
+    column sums (``gb_ptr[tile_m, col]``).
+
+    With SOFTCAP the logits are ``z = softcap · tanh(u / softcap)``, ``u = inv_tau · (h Wᵀ + b)``, and the dense
+    term is multiplied by ``∂z/∂u = 1 − tanh²`` in the same elementwise pass (the tanh is at hand; nothing
+    extra stays live through the sparse fold). The sparse slot values ``gs`` come with that factor at their
+    ids already (the launcher's ``sparse_slope``), so the whole tile is ``∂ℓ/∂a`` with ``a = h Wᵀ + b``."""
     n_tiles_m = tl.cdiv(n_rows, BN)
     n_tiles_n = tl.cdiv(n_cols, BV)
     tile_m, tile_n = _grouped_tile(tl.program_id(0), n_tiles_m, n_tiles_n, GROUP)
@@ -100,9 +105,21 @@ def _dz_kernel(
         acc = logit_acc(h_src, w_src, row0 + tile_m * BN, col0 + tile_n * BV, offs_n, mask_n, offs_v, mask_v, H,
                         TMA, False, BN, BV, BH, DOT_PREC)                               # [BN, BV]
         col = tl.where(mask_v, 0.0, float("-inf"))                                      # [BV]
-        if HAS_BIAS:
-            col += tl.load(b_ptr + offs_v, mask=mask_v, other=0.0).to(tl.float32) * inv_tau
-        p = tl.exp(acc * inv_tau + col[None, :] - lse[:, None])                        # [BN, BV]
+        if SOFTCAP:
+            # u / softcap = (acc + b) · inv_tau / softcap; columns ≥ V: acc = 0, no bias, so tanh is finite
+            pre = inv_tau / softcap
+            if HAS_BIAS:
+                cb = tl.load(b_ptr + offs_v, mask=mask_v, other=0.0).to(tl.float32) * pre
+            else:
+                cb = tl.zeros([BV], dtype=tl.float32)
+            th = tanh(acc * pre + cb[None, :])                                          # [BN, BV]
+            # π · ∂z/∂u in one elementwise pass: only this tile stays live (π itself is not kept, so the
+            # filter below compares π ∂z/∂u ≤ π: the dense element's true size, against the same threshold)
+            p = tl.exp(th * softcap + col[None, :] - lse[:, None]) * ((1.0 - th) * (1.0 + th))
+        else:
+            if HAS_BIAS:
+                col += tl.load(b_ptr + offs_v, mask=mask_v, other=0.0).to(tl.float32) * inv_tau
+            p = tl.exp(acc * inv_tau + col[None, :] - lse[:, None])                    # [BN, BV]
         if FILTER:
             thr = tl.load(thr_ptr + offs_n, mask=mask_n, other=float("inf"))          # inf where c = 0
             keep = tl.max(tl.max(p - thr[:, None], axis=1), axis=0) >= 0.0
@@ -267,14 +284,16 @@ def _gemm_acc_kernel(
 
 # ------------------------------------------------------------------------------------------------ launcher
 
-def plan(n: int, vocab: int, hdim: int, dtype, device: torch.device, arch: int | None = None) -> dict:
+def plan(n: int, vocab: int, hdim: int, dtype, device: torch.device, arch: int | None = None,
+         softcap: bool = False) -> dict:
     """Row chunk ``rows`` and vocabulary block ``cols`` (multiples of the dz tile; the fp32 grad_h chunk ≤
     ``gh_chunk_bytes``, the dz block ≤ ``dz_block_bytes``) and the tiles of the kernels (on
-    ``device``, or the production tiles of compute capability ``arch`` when given)."""
+    ``device``, or the production tiles of compute capability ``arch`` when given; ``softcap``: the
+    soft-capped variant's)."""
     def tiles(kernel):
         if arch is not None:
-            return _configs.student_prod_tiles(kernel, arch, dtype)
-        return _configs.student_tiles(kernel, device, dtype)
+            return _configs.student_prod_tiles(kernel, arch, dtype, softcap=softcap)
+        return _configs.student_tiles(kernel, device, dtype, softcap=softcap)
     dz_cfg, dh_cfg, dw_cfg = tiles("dz"), tiles("gemm_dh"), tiles("gemm_dw")
     bn, bv = dz_cfg["BN"], dz_cfg["BV"]
     if bn % dh_cfg["BM"] or bv % dh_cfg["BK"] or bv % dw_cfg["BM"] or bn % dw_cfg["BK"]:
@@ -343,13 +362,18 @@ def _gemm(a, b, acc, out, live, flag_tile, accumulate: bool, cfg: dict, prec: st
 
 
 def input_grads(hidden, weight, bias, ids, lse, g, inv_tau: float, need_h: bool, need_w: bool,
-                need_b: bool, filter_eps: float | None, skipped=None):
+                need_b: bool, filter_eps: float | None, skipped=None, softcap: float | None = None,
+                sparse_slope=None, c=None):
     """``(grad_h [N, H] input dtype | None, grad_W [V, H] weight dtype | None, grad_b [V] bias dtype | None)``.
 
     ``ids [N, K]`` int64 (-1 at invalid slots), ``g [N, K]`` fp32 slot coefficients with the upstream
     gradient folded in (0 at invalid slots), ``lse [N]`` fp32. ``filter_eps``: None =
     :func:`default_filter_eps`, 0 = no filtering. ``skipped``: a 0-dim float32 that receives the fraction of
-    (row × vocabulary) tiles both GEMMs skipped, or None.
+    (row × vocabulary) tiles both GEMMs skipped, or None. ``softcap`` (z units) with ``sparse_slope [N, K]``
+    (``1 − (z / softcap)²`` at the ids): soft-capped logits, whose ``∂z/∂u`` multiplies both parts (the
+    filter compares ``π ∂z/∂u``, the dense element's size, with the same per-row threshold: the bound of
+    :func:`filter_thresholds` holds as the factor is ≤ 1). ``c [N]``: the dense coefficient
+    (default ``g.sum(-1)``; a vocabulary shard's ``g`` holds only its own slots, so it passes the global one).
 
     Extra memory: ``c`` [N] and the row-sorted slots (int32 ids + fp32 g/τ, N·K·8 B; the sort's int64
     permutation, N·K·8 B more, lives only before the blocks start), one dz block, one fp32 grad_h chunk,
@@ -373,19 +397,21 @@ def input_grads(hidden, weight, bias, ids, lse, g, inv_tau: float, need_h: bool,
             skipped.fill_(0.0)
         return grad_h, grad_w, None if gb32 is None else gb32.to(bias.dtype)
 
-    p = plan(n, vocab, hdim, dtype, dev)
+    p = plan(n, vocab, hdim, dtype, dev, softcap=softcap is not None)
     rows, cols, dz_cfg = p["rows"], p["cols"], p["dz"]
     bn, bv = dz_cfg["BN"], dz_cfg["BV"]
     prec = dot_precision(dtype)
     filtering = filter_eps > 0
     k = ids.shape[1]
-    c = g.sum(-1)                                                  # [N] dense coefficient
+    # [N] dense coefficient; a vocabulary shard passes the global one (opd_kernels.distributed)
+    c = g.sum(-1) if c is None else c.to(torch.float32).contiguous()
     thr = filter_thresholds(g, c, filter_eps) if filtering else c
     live_tiles = torch.zeros((), dtype=torch.int64, device=dev) if (skipped is not None and filtering) else None
     total_tiles = 0
     sorted_ids, order = torch.sort(ids, dim=1)                     # per row, by id (invalid -1 first)
     sorted_ids = sorted_ids.to(torch.int32)
-    sorted_gs = torch.gather(g, 1, order).mul_(inv_tau)            # g / τ in the same order
+    # g · inv_tau in the same order (soft-cap: times ∂z/∂u at the ids)
+    sorted_gs = torch.gather(g if sparse_slope is None else g * sparse_slope, 1, order).mul_(inv_tau)
     del order
 
     tma_ok = interpreting(dev) or device_info(dev)[0] >= 90          # descriptors: sm_90 and the interpreter
@@ -426,9 +452,10 @@ def input_grads(hidden, weight, bias, ids, lse, g, inv_tau: float, need_h: bool,
             _dz_kernel[(tiles_m * tiles_n,)](
                 h_src, w_src, bias if bias is not None else hidden, lse, c, thr, sorted_ids, sorted_gs, bounds, dz,
                 flags if flags is not None else dz, gb_part if gb_part is not None else dz,
-                hdim, k, float(inv_tau), r0, v0, nr, nc, cols,
+                hdim, k, float(inv_tau), float(softcap or 1.0), r0, v0, nr, nc, cols,
                 flags.stride(0) if flags is not None else 0, bounds.stride(0),
-                HAS_BIAS=bias is not None, DENSE=True, SPARSE=True, COMPUTE_DB=need_b, FILTER=filtering, TMA=tma,
+                HAS_BIAS=bias is not None, DENSE=True, SPARSE=True, COMPUTE_DB=need_b, FILTER=filtering,
+                SOFTCAP=softcap is not None, TMA=tma,
                 BN=bn, BV=bv, BH=dz_cfg["BH"], GROUP=dz_cfg["GROUP"], DOT_PREC=prec, **launch_kw(dz_cfg))
             dz_blk = dz[:nr, :nc]
             total_tiles += tiles_m * tiles_n
@@ -463,25 +490,27 @@ def input_grads(hidden, weight, bias, ids, lse, g, inv_tau: float, need_h: bool,
 
 # ------------------------------------------------------------------------------------------- compile specs
 
-def _specs(hidden_size, arch, dtype, allow_tf32, suffix):
+def _dz_spec(hidden_size, arch, dtype, allow_tf32, suffix, softcap):
+    """The dz kernel's build (plain or soft-capped) and its production plan ``(spec, tiles, rows, cols)``."""
     pt = "*" + TL_DTYPE[dtype]
     prec = dot_precision(dtype, allow_tf32)
     has_matmul = prec != "ieee" or dtype != torch.float32                # fp32 "ieee" dots run on FMA units
-    d = _configs.student_prod_tiles("dz", arch, dtype, allow_tf32)
+    d = _configs.student_prod_tiles("dz", arch, dtype, allow_tf32, softcap=softcap)
     dz_tiles = dict(BN=d["BN"], BV=d["BV"], BH=d["BH"], GROUP=d["GROUP"])
     # the production plan at N = 16384, V = 128256 (a full block; the last one has odd sizes, a second JIT
     # specialization at runtime)
     from ._compile import PRODUCTION_SHAPE
-    plan_ = plan(PRODUCTION_SHAPE["N"], PRODUCTION_SHAPE["V"], hidden_size, dtype, torch.device("cuda"), arch=arch)
+    plan_ = plan(PRODUCTION_SHAPE["N"], PRODUCTION_SHAPE["V"], hidden_size, dtype, torch.device("cuda"), arch=arch,
+                 softcap=softcap)
     rows, cols = plan_["rows"], plan_["cols"]
-    ftm, ftn = triton.cdiv(rows, d["BN"]), triton.cdiv(cols, d["BV"])
+    ftn = triton.cdiv(cols, d["BV"])
     n_edges = triton.cdiv(PRODUCTION_SHAPE["V"], d["BV"]) + 1
     tma = bool(d.get("TMA"))
     t = TL_DTYPE[dtype]
-    specs = [CompileSpec(
-        kernel=f"student_bwd_dz{suffix}", fn=_dz_kernel,
-        constexprs=dict(HAS_BIAS=True, DENSE=True, SPARSE=True, COMPUTE_DB=True, FILTER=True, TMA=tma,
-                        DOT_PREC=prec, **dz_tiles),
+    spec = CompileSpec(
+        kernel=f"student_bwd_dz{'_softcap' if softcap else ''}{suffix}", fn=_dz_kernel,
+        constexprs=dict(HAS_BIAS=True, DENSE=True, SPARSE=True, COMPUTE_DB=True, FILTER=True, SOFTCAP=softcap,
+                        TMA=tma, DOT_PREC=prec, **dz_tiles),
         pointers=dict(h_src=f"tensordesc<{t}[{d['BN']}, {d['BH']}]>" if tma else pt,
                       w_src=f"tensordesc<{t}[{d['BV']}, {d['BH']}]>" if tma else pt, b_ptr=pt, ids_ptr="*i32",
                       bounds_ptr="*i16", dz_ptr=pt, flag_ptr="*i32"),
@@ -489,7 +518,31 @@ def _specs(hidden_size, arch, dtype, allow_tf32, suffix):
                      bounds_stride=n_edges),
         num_warps=d["num_warps"], num_stages=d["num_stages"], has_matmul=has_matmul,
         config=dict(dtype=TL_DTYPE[dtype], dot=prec, **dz_tiles, num_warps=d["num_warps"],
-                    num_stages=d["num_stages"], H=hidden_size, rows=rows, cols=cols))]
+                    num_stages=d["num_stages"], H=hidden_size, rows=rows, cols=cols, softcap=softcap))
+    return spec, d, rows, cols
+
+
+def _specs(hidden_size, arch, dtype, allow_tf32, suffix):
+    """The plain family, and the soft-capped dz kernel (a tanh per logit; no other kernel sees the soft-cap).
+    Where the soft-capped dz tile differs from the plain one (``_configs.STUDENT_SOFTCAP``) the kernels built
+    for the dz tile (run bounds, live lists, the GEMMs' flag tiles) are built for it too, named ``_softcap``."""
+    plain = _family_specs(hidden_size, arch, dtype, allow_tf32, suffix, False)
+    capped = _family_specs(hidden_size, arch, dtype, allow_tf32, suffix, True)
+    same_tile = all(plain[0].constexprs[k] == capped[0].constexprs[k] for k in ("BN", "BV"))
+    return plain + (capped[:1] if same_tile else capped)
+
+
+def _family_specs(hidden_size, arch, dtype, allow_tf32, suffix, softcap):
+    pt = "*" + TL_DTYPE[dtype]
+    prec = dot_precision(dtype, allow_tf32)
+    has_matmul = prec != "ieee" or dtype != torch.float32                # fp32 "ieee" dots run on FMA units
+    from ._compile import PRODUCTION_SHAPE
+    dz_spec, d, rows, cols = _dz_spec(hidden_size, arch, dtype, allow_tf32, suffix, softcap)
+    ftm, ftn = triton.cdiv(rows, d["BN"]), triton.cdiv(cols, d["BV"])
+    n_edges = triton.cdiv(PRODUCTION_SHAPE["V"], d["BV"]) + 1
+    t = TL_DTYPE[dtype]
+    specs = [dz_spec]
+    suffix = ("_softcap" if softcap else "") + suffix
     b = _configs.student_prod_tiles("bounds", arch, dtype, allow_tf32)
     b_tiles = dict(BR=b["BR"], BE=b["BE"], BK=b["BK"], BV=d["BV"])
     specs.append(CompileSpec(

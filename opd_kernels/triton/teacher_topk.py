@@ -68,7 +68,7 @@ from triton.language.extra import libdevice
 from .. import _math
 from . import _configs, gather
 from ._common import (LN2, LOG2E, TL_DTYPE, alloc, arch_family, device_info, dot_precision, interpreting,
-                      logit_acc)
+                      logit_acc, tanh)
 from ._compile import PRODUCTION_SHAPE, CompileSpec
 
 #: Largest k the teacher kernel supports.
@@ -264,12 +264,13 @@ def _merge_buffer(key_ptr, buf_ptr, ign_ptr, pid, out_base, rows_left, fill, fre
 def _teacher_sweep_kernel(
     # pointers (h_src / w_src: tensor descriptors with blocks [BN, BH] / [BV, BH] when TMA)
     h_src, w_src, b_ptr, ign_ptr, m_ptr, s_ptr, key_ptr, buf_ptr,
-    # sizes and scalars
-    N, V, H, inv_tau, K_SEL,
+    # sizes and scalars (inv_tau = logit_scale / τ; softcap = the cap in z units, read only with SOFTCAP)
+    N, V, H, inv_tau, softcap, K_SEL,
     # launch plan (filled in by the launcher)
     n_row_blocks, n_tiles, rows_per_group, n_slots,
     # constexpr flags and tiles
-    HAS_BIAS: tl.constexpr, HAS_IGNORE: tl.constexpr, TMA: tl.constexpr, EVEN_H: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_IGNORE: tl.constexpr, SOFTCAP: tl.constexpr, TMA: tl.constexpr,
+    EVEN_H: tl.constexpr,
     HW: tl.constexpr, KP: tl.constexpr, C: tl.constexpr, CAP: tl.constexpr, RB: tl.constexpr,
     PART_W: tl.constexpr, BN: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
@@ -277,7 +278,8 @@ def _teacher_sweep_kernel(
     ``[pid·G/P, (pid+1)·G/P)`` of the group's G = rows × ``n_tiles`` (row block major). Each maximal run of
     one row block's tiles is a *segment*; it writes (m, s, top-KP keys) of its columns to its slot
     ``pid − (first program of the row block)`` of ``[n_slots, N, ...]``; the program that ends a row block
-    fills the row block's unused slots with empty partials."""
+    fills the row block's unused slots with empty partials. With SOFTCAP the logits are ``softcap · tanh(z /
+    softcap)`` of ``z = inv_tau · (h Wᵀ + b)``."""
     pid = tl.program_id(0)
     n_prog = tl.num_programs(0)
     NW: tl.constexpr = BV // 32
@@ -321,6 +323,8 @@ def _teacher_sweep_kernel(
                 z = (acc + b[None, :]) * inv_tau
             else:
                 z = acc * inv_tau                                      # [BN, BV]
+            if SOFTCAP:
+                z = softcap * tanh(z * (1.0 / softcap))
             partial = col0 + BV > V                                    # the last tile, cut by V
             if partial:
                 z = tl.where(col_ok[None, :], z, float("-inf"))
@@ -430,19 +434,20 @@ def _check_plan(cfg: dict, kp: int) -> None:
         raise ValueError(f"teacher RB (merge rows) must be a power of two ≤ BN = {cfg['BN']}, got {rb}")
 
 
-def teacher_topk(hidden, weight, bias, ignore_ids, token_ids, k: int, inv_tau: float):
-    """``(ids [N,k] int64, logprobs [N,k] fp32, lse [N] fp32, token_logprobs [N] fp32 or None)``.
+def teacher_topk(hidden, weight, bias, ignore_ids, token_ids, k: int, inv_tau: float, softcap: float | None = None):
+    """``(ids [N,k] int64, logprobs [N,k] fp32, lse [N] fp32, token_logprobs [N] fp32 or None)`` of the logits
+    ``inv_tau · (h Wᵀ + b)`` (``inv_tau = logit_scale / τ``), soft-capped at ``softcap`` (z units) when given.
 
     ``hidden [N, H]`` / ``weight [V, H]`` / ``bias [V]`` (one dtype), ``ignore_ids`` int64 ids never selected
-    (or None), ``token_ids [N]`` int64 in range (or None). The launch plan comes from
-    ``_configs.teacher_tiles`` (with its ``teacher`` override) and :func:`launch_plan`."""
+    (or None; ids outside ``[0, V)`` are skipped), ``token_ids [N]`` int64 in range (or None). The launch plan
+    comes from ``_configs.teacher_tiles`` (with its ``teacher`` override) and :func:`launch_plan`."""
     n, h_dim = hidden.shape
     vocab = weight.shape[0]
     dev = hidden.device
     if not 1 <= k <= MAX_K:
         raise ValueError(f"k must be in [1, {MAX_K}] for the Triton teacher kernel, got {k}")
     kp = _next_pow2(k)
-    cfg = _configs.teacher_tiles(kp, dev)
+    cfg = _configs.teacher_tiles(kp, dev, softcap=softcap is not None)
     _check_plan(cfg, kp)
 
     ids = alloc((n, k), torch.long, dev, poison=-1)
@@ -456,8 +461,11 @@ def teacher_topk(hidden, weight, bias, ignore_ids, token_ids, k: int, inv_tau: f
     bias = None if bias is None else bias.contiguous()
     ign = None
     if ignore_ids is not None and ignore_ids.numel():
-        ign = torch.zeros(vocab, dtype=torch.int8, device=dev)
-        ign[ignore_ids.to(device=dev, dtype=torch.long)] = 1
+        # ids outside [0, V) go to a spare flag V that is cut off: skipped without a device sync
+        ign = torch.zeros(vocab + 1, dtype=torch.int8, device=dev)
+        ign_ids = ignore_ids.to(device=dev, dtype=torch.long)
+        ign[torch.where((ign_ids >= 0) & (ign_ids < vocab), ign_ids, vocab)] = 1
+        ign = ign[:vocab]
 
     bn, bv, bh, c = cfg["BN"], cfg["BV"], cfg["BH"], cfg["C"]
     plan = launch_plan(n, vocab, h_dim, hidden.element_size(), cfg, device_info(dev)[1])
@@ -477,9 +485,10 @@ def teacher_topk(hidden, weight, bias, ignore_ids, token_ids, k: int, inv_tau: f
         h_src, w_src = hidden, weight
     _teacher_sweep_kernel[(programs,)](
         h_src, w_src, dummy if bias is None else bias, dummy if ign is None else ign,
-        part_m, part_s, part_k, buf, n, vocab, h_dim, float(inv_tau), k,
+        part_m, part_s, part_k, buf, n, vocab, h_dim, float(inv_tau), float(softcap or 1.0), k,
         plan["row_blocks"], plan["n_tiles"], plan["rows_per_group"], slots,
-        HAS_BIAS=bias is not None, HAS_IGNORE=ign is not None, TMA=tma, EVEN_H=h_dim % bh == 0,
+        HAS_BIAS=bias is not None, HAS_IGNORE=ign is not None, SOFTCAP=softcap is not None, TMA=tma,
+        EVEN_H=h_dim % bh == 0,
         HW=not interpreting(dev), KP=kp, C=c, CAP=cap, RB=cfg["RB"], PART_W=cfg["PART_W"], BN=bn, BV=bv, BH=bh,
         DOT_PREC=dot_precision(hidden.dtype), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
@@ -493,8 +502,9 @@ def teacher_topk(hidden, weight, bias, ignore_ids, token_ids, k: int, inv_tau: f
     logprobs.copy_(top_z - lse[:, None])
 
     if token_ids is not None:
-        tz = gather.gather_logits(hidden, weight, bias, token_ids.reshape(n, 1).contiguous(), inv_tau)
-        token_lp.copy_(tz[:, 0] - lse)
+        tz = gather.gather_logits(hidden, weight, bias, token_ids.reshape(n, 1).contiguous(), inv_tau, softcap)
+        inside = (token_ids >= 0) & (token_ids < vocab)                # checks off: -inf outside [0, V)
+        token_lp.copy_(torch.where(inside, tz[:, 0] - lse, float("-inf")))
     return ids, logprobs, lse, token_lp
 
 
@@ -504,16 +514,18 @@ def teacher_topk(hidden, weight, bias, ignore_ids, token_ids, k: int, inv_tau: f
 _SMS = {90: 132, 80: 108}
 
 
-def _spec(hidden_size: int, arch: int, dtype, k: int, ignore: bool) -> CompileSpec:
+def _spec(hidden_size: int, arch: int, dtype, k: int, ignore: bool, softcap: bool = False) -> CompileSpec:
     t = TL_DTYPE[dtype]
     p = "*" + t
     kp = _next_pow2(k)
-    c = _configs.teacher_prod_tiles(kp, arch)
+    c = _configs.teacher_prod_tiles(kp, arch, softcap)
     plan = launch_plan(PRODUCTION_SHAPE["N"], PRODUCTION_SHAPE["V"], hidden_size, 2, c, _SMS[arch_family(arch)])
     cap = buffer_capacity(c["C"], c["BV"])
     return CompileSpec(
-        kernel=f"teacher_sweep_k{k}{'_ignore' if ignore else ''}", fn=_teacher_sweep_kernel,
-        constexprs=dict(HAS_BIAS=False, HAS_IGNORE=ignore, TMA=c["TMA"], EVEN_H=hidden_size % c["BH"] == 0, HW=True,
+        kernel=f"teacher_sweep_k{k}{'_ignore' if ignore else ''}{'_softcap' if softcap else ''}",
+        fn=_teacher_sweep_kernel,
+        constexprs=dict(HAS_BIAS=False, HAS_IGNORE=ignore, SOFTCAP=softcap, TMA=c["TMA"],
+                        EVEN_H=hidden_size % c["BH"] == 0, HW=True,
                         KP=kp, C=c["C"], CAP=cap, RB=c["RB"], PART_W=c["PART_W"], BN=c["BN"], BV=c["BV"],
                         BH=c["BH"], DOT_PREC=dot_precision(dtype, allow_tf32=False)),
         pointers=dict(h_src=f"tensordesc<{t}[{c['BN']}, {c['BH']}]>" if c["TMA"] else p,
@@ -523,7 +535,7 @@ def _spec(hidden_size: int, arch: int, dtype, k: int, ignore: bool) -> CompileSp
         config=dict(k=k, KP=kp, C=c["C"], CAP=cap, RB=c["RB"], BN=c["BN"], BV=c["BV"], BH=c["BH"], TMA=c["TMA"],
                     num_warps=c["num_warps"], num_stages=c["num_stages"], H=hidden_size, ignore=ignore,
                     ctas_per_sm=c["ctas_per_sm"], programs=plan["programs"], rows_per_group=plan["rows_per_group"],
-                    slots=plan["slots"]),
+                    slots=plan["slots"], softcap=softcap),
         scalars=dict(K_SEL=k, n_row_blocks=plan["row_blocks"], n_tiles=plan["n_tiles"],
                      rows_per_group=plan["rows_per_group"], n_slots=plan["slots"]))
 
@@ -531,6 +543,9 @@ def _spec(hidden_size: int, arch: int, dtype, k: int, ignore: bool) -> CompileSp
 def compile_specs(hidden_size: int, arch: int = 90, dtype=torch.bfloat16) -> list[CompileSpec]:
     """The sweep kernel at its production tiles for every KP class (k = 1 … 256) with the launch plan of the
     production shape (N = 16384, V = 128256) on the reference part, bf16, no bias: without an ignore list
-    and, at k = 64 and 256, with one (ignored ids filtered in the merge)."""
+    and, at k = 64 and 256, with one (ignored ids filtered in the merge); soft-capped (a tanh per logit,
+    Gemma-2/3 teachers) at k = 1, 64 and 256, and at k = 256 with an ignore list."""
     return [_spec(hidden_size, arch, dtype, k, False) for k in (1, 20, 64, 128, 256)] \
-        + [_spec(hidden_size, arch, dtype, k, True) for k in (64, 256)]
+        + [_spec(hidden_size, arch, dtype, k, True) for k in (64, 256)] \
+        + [_spec(hidden_size, arch, dtype, k, False, True) for k in (1, 64, 256)] \
+        + [_spec(hidden_size, arch, dtype, 256, True, True)]

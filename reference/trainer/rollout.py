@@ -113,18 +113,25 @@ def _generate_batch(model, rows, max_new_tokens, eos_id, pad_id, temperature, to
 
 @dataclass
 class Packed:
-    """Right-padded rows ``context + prompt + response`` and the response-coordinate view of them."""
-    input_ids: torch.Tensor        # [B, T]
-    attention_mask: torch.Tensor   # [B, T]
-    position_ids: torch.Tensor     # [B, T]
-    positions: torch.Tensor        # [B, R] index of the hidden state that predicts response token j
+    """Right-padded rows ``context + prompt + response`` and the response-coordinate view of them; or, padding-free
+    (``pack(..., packed=True)``), the same sequences back to back in one row."""
+    input_ids: torch.Tensor        # [B, T] (padding-free: [1, Σ lengths])
+    attention_mask: Optional[torch.Tensor]   # [B, T]; None when padding-free (sequences told apart by positions)
+    position_ids: torch.Tensor     # [B, T] (padding-free: [1, Σ lengths], restarting at 0 per sequence)
+    positions: torch.Tensor        # [B, R] index of the hidden state that predicts response token j (padding-free:
+                                   # into the one packed row)
     response: torch.Tensor         # [B, R] response ids (pad where masked)
     response_mask: torch.Tensor    # [B, R] bool
 
 
 def pack(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], pad_id: int, device,
-         contexts: Optional[Sequence[Sequence[int]]] = None) -> Packed:
-    """Pack rows for a scoring forward pass. ``contexts`` (privileged, teacher-only) go before the prompts."""
+         contexts: Optional[Sequence[Sequence[int]]] = None, packed: bool = False) -> Packed:
+    """Pack rows for a scoring forward pass. ``contexts`` (privileged, teacher-only) go before the prompts.
+
+    ``packed=True``: padding-free, the transformers flattening convention: every sequence back to back in one
+    row ``[1, Σ lengths]`` with ``position_ids`` restarting at 0 per sequence and no attention mask; the model
+    keeps the sequences apart from the positions (flash-attention's varlen path; sdpa / eager build the
+    block-diagonal causal mask from them). No compute is spent on padding."""
     if len(prompts) != len(responses):
         raise ValueError("prompts and responses must have the same length")
     ctxs = contexts if contexts is not None else [[] for _ in prompts]
@@ -147,10 +154,20 @@ def pack(prompts: Sequence[Sequence[int]], responses: Sequence[Sequence[int]], p
         resp[i, :len(r)] = torch.tensor(r, dtype=torch.long)
         rmask[i, :len(r)] = True
     pos = torch.arange(t).expand(b, t).clone()
+    if packed:
+        lengths = [len(s) for s in seqs]
+        starts = torch.tensor([0] + lengths[:-1]).cumsum(0)
+        ids = torch.cat([ids[i, :n] for i, n in enumerate(lengths)])[None]
+        pos = torch.cat([torch.arange(n) for n in lengths])[None]
+        positions = positions + starts[:, None]
+        return Packed(ids.to(device), None, pos.to(device), positions.to(device), resp.to(device), rmask.to(device))
     return Packed(ids.to(device), attn.to(device), pos.to(device), positions.to(device), resp.to(device),
                   rmask.to(device))
 
 
 def gather_response(hidden: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-    """``hidden [B, T, H]`` → ``[B, R, H]`` with row ``j`` = the hidden state that predicts response token j."""
+    """``hidden [B, T, H]`` → ``[B, R, H]`` with row ``j`` = the hidden state that predicts response token j
+    (padding-free: ``hidden [1, T, H]``, ``positions`` index the one packed row)."""
+    if hidden.shape[0] == 1 and positions.shape[0] != 1:
+        return hidden[0][positions]
     return hidden.gather(1, positions[..., None].expand(-1, -1, hidden.shape[-1]))

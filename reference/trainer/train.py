@@ -36,7 +36,7 @@ import torch
 
 from . import diagnostics as D
 from .losses import distill_loss, sft_loss, teacher_targets
-from .models import TINY_CONFIGS, load_causal_lm, tiny_llama
+from .models import TINY_CONFIGS, auto_attn_implementation, load_causal_lm, tiny_llama
 from .rollout import generate, pack
 from .task import CharTokenizer, Example, ReverseTask, check_answer, load_jsonl_prompts
 
@@ -88,7 +88,9 @@ class Config:
     # infrastructure
     seed: int = 0
     device: str = "auto"
-    bf16: Optional[bool] = None            # default: on for CUDA
+    bf16: Optional[bool] = None            # bf16 autocast of the models' forward (losses outside); default: CUDA
+    attn_implementation: Optional[str] = None  # default: flash_attention_2 with flash-attn on CUDA, else sdpa
+    packed: bool = False                   # padding-free scoring batches (one row, per-sequence position ids)
     backend: str = "auto"                  # opd_kernels backend
     out_dir: str = "runs/trainer"
     cache_dir: Optional[str] = None        # default: <repo>/.cache/opd_kernels (or $OPD_KERNELS_CACHE)
@@ -179,9 +181,9 @@ def sft(model, batches, steps, lr, cfg, desc, logger=None, phase="sft"):
         for g in opt.param_groups:
             g["lr"] = lr * _lr_factor(step, steps)
         prompts, responses, contexts = batches(step)
-        with _autocast(device, cfg):
-            packed = pack(prompts, responses, _pad_id(model), device, contexts)
-            loss = sft_loss(model, packed, dtype=_loss_dtype(device, cfg), backend=cfg.backend)
+        packed = pack(prompts, responses, _pad_id(model), device, contexts, packed=cfg.packed)
+        loss = sft_loss(model, packed, dtype=_loss_dtype(device, cfg), backend=cfg.backend,
+                        autocast=lambda: _autocast(device, cfg))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
         opt.step()
@@ -202,11 +204,17 @@ def _pad_id(model):
 
 
 def _bf16(device, cfg):
-    return device.type == "cuda" and (cfg.bf16 is None or cfg.bf16)
+    """bf16 for the models: on by default on CUDA, or when asked (``--bf16``, CPU included)."""
+    return bool(cfg.bf16) if cfg.bf16 is not None else device.type == "cuda"
 
 
 def _autocast(device, cfg):
-    return torch.autocast("cuda", dtype=torch.bfloat16) if _bf16(device, cfg) else nullcontext()
+    """bf16 autocast for the models' forward passes (the fused losses run outside it, see ``losses``)."""
+    return torch.autocast(device.type, dtype=torch.bfloat16) if _bf16(device, cfg) else nullcontext()
+
+
+def _attn(cfg, device):
+    return cfg.attn_implementation or auto_attn_implementation(device)
 
 
 def _loss_dtype(device, cfg):
@@ -246,12 +254,13 @@ def embedded_teacher(cfg, tok, task, device, logger=None):
     path = _cache_root(cfg) / f"teacher-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
     if not cfg.no_cache and (path / "meta.json").exists():
         from transformers import AutoModelForCausalLM
-        model = AutoModelForCausalLM.from_pretrained(str(path)).to(device).eval()
+        model = AutoModelForCausalLM.from_pretrained(str(path), attn_implementation=_attn(cfg, device))
+        model = model.to(device).eval()
         meta = json.loads((path / "meta.json").read_text())
         _say(f"[teacher] loaded from cache {path} (eval accuracy {meta['accuracy']:.3f})")
         return model
     _say(f"[teacher] training the embedded {cfg.teacher_size} ({cfg.teacher_steps} SFT steps on reference answers)")
-    model = tiny_llama(cfg.teacher_size, tok, seed=cfg.seed + 1).to(device)
+    model = tiny_llama(cfg.teacher_size, tok, seed=cfg.seed + 1, attn_implementation=_attn(cfg, device)).to(device)
     rng = random.Random(cfg.seed + 11)
 
     def batches(step):
@@ -301,10 +310,11 @@ class Trainer:
     def _setup_models_and_data(self):
         cfg, device = self.cfg, self.device
         if cfg.student:
-            self.student, self.tok = load_causal_lm(cfg.student, device)
+            self.student, self.tok = load_causal_lm(cfg.student, device, attn_implementation=_attn(cfg, device))
         else:
             self.tok = CharTokenizer()
-            self.student = tiny_llama(cfg.student_size, self.tok, seed=cfg.seed + 2).to(device)
+            self.student = tiny_llama(cfg.student_size, self.tok, seed=cfg.seed + 2,
+                                      attn_implementation=_attn(cfg, device)).to(device)
         tok = self.tok
         self.task = None
         if cfg.prompts:
@@ -324,7 +334,7 @@ class Trainer:
             self.system_ctx = _encode_ctx(tok, cfg.system_prompt)
             self.teacher = self.student
         elif cfg.teacher:
-            self.teacher, _ = load_causal_lm(cfg.teacher, device)
+            self.teacher, _ = load_causal_lm(cfg.teacher, device, attn_implementation=_attn(cfg, device))
         elif self.task is not None:
             self.teacher = embedded_teacher(cfg, tok, self.task, device, self.logger)
         else:
@@ -399,18 +409,20 @@ class Trainer:
                       top_p=cfg.top_p, num_samples=cfg.samples_per_prompt, generator=self.gen)
         src = [examples[i] for i in ro.source]
         pad = _pad_id(self.student)
-        student_rows = pack(ro.prompts, ro.responses, pad, device)
+        student_rows = pack(ro.prompts, ro.responses, pad, device, packed=cfg.packed)
         teacher_rows = pack(ro.prompts, ro.responses, pad, device,
-                            contexts=[e.context for e in src] if cfg.mode == "opsd" else None)
+                            contexts=[e.context for e in src] if cfg.mode == "opsd" else None, packed=cfg.packed)
         dtype = _loss_dtype(device, cfg)
+        autocast = lambda: _autocast(device, cfg)                 # noqa: E731  (the models' forward only)
         self.teacher.eval()
-        with _autocast(device, cfg):
-            target = teacher_targets(self.teacher, teacher_rows, cfg.k, ignore_ids=self.ignore_ids,
-                                     student_vocab=self.student_vocab, dtype=dtype, backend=cfg.backend)
-            self.student.train()
-            loss, stats = distill_loss(self.student, student_rows, target, objective=cfg.objective,
-                                       variant=cfg.variant, ignore_ids=self.ignore_ids,
-                                       temperature=cfg.loss_temperature, dtype=dtype, backend=cfg.backend)
+        target = teacher_targets(self.teacher, teacher_rows, cfg.k, ignore_ids=self.ignore_ids,
+                                 student_vocab=self.student_vocab, dtype=dtype, backend=cfg.backend,
+                                 autocast=autocast)
+        self.student.train()
+        loss, stats = distill_loss(self.student, student_rows, target, objective=cfg.objective,
+                                   variant=cfg.variant, ignore_ids=self.ignore_ids,
+                                   temperature=cfg.loss_temperature, dtype=dtype, backend=cfg.backend,
+                                   autocast=autocast)
         correct = [check_answer(tok.decode(r, skip_special_tokens=True), e.answer) for r, e in zip(ro.responses, src)]
         diag = D.batch_diagnostics(stats, student_rows.response, student_rows.response_mask, target.ids,
                                    eos_id=tok.eos_token_id, hedge_ids=self.hedge_ids, truncated=ro.truncated,
@@ -531,7 +543,8 @@ def _parser():
             else:
                 p.add_argument(flag, action="store_true")
         elif f.name == "bf16":
-            p.add_argument("--bf16", dest="bf16", action="store_true", default=None, help="bf16 autocast (CUDA)")
+            p.add_argument("--bf16", dest="bf16", action="store_true", default=None,
+                           help="bf16 autocast of the models (default on CUDA; the fused losses run outside it)")
             p.add_argument("--no-bf16", dest="bf16", action="store_false")
         else:
             kind = {"int": int, "float": float}.get(str(f.type).replace("Optional[", "").rstrip("]"), str)
