@@ -77,3 +77,22 @@ def test_trl_example_runs_trls_train(tmp_path, monkeypatch):
     exec(compile(_example("trl"), "README.md[trl]", "exec"), ns)
     assert built == [dict(output_dir="opd-run", teacher_k=64, loss_variant="tail")]
     assert calls == ["tail", "tail"]                                   # two training steps through the fused loss
+
+
+def test_actor_loss_example_is_the_global_token_mean():
+    """The verl / NeMo-RL block: per-token values summed and divided by the global response-token count equal
+    the library's own mean when the batch is the whole global batch."""
+    g = torch.Generator().manual_seed(3)
+    n, hdim, v, k = 12, 16, 50, 5
+    hidden = torch.randn(n, hdim, generator=g, requires_grad=True)
+    lm_head = torch.nn.Linear(hdim, v, bias=False)
+    teacher_ids = torch.randint(0, v, (n, k), generator=g)
+    teacher_logprobs = torch.log_softmax(torch.randn(n, k, generator=g), -1) - 1.0
+    response_mask = torch.rand(n, generator=g) < 0.7
+    global_response_tokens = int(response_mask.sum())
+    ns = dict(ok=ok, hidden=hidden, lm_head=lm_head, teacher_ids=teacher_ids, teacher_logprobs=teacher_logprobs,
+              response_mask=response_mask, global_response_tokens=global_response_tokens)
+    exec(compile(_example("actor"), "README.md[actor]", "exec"), ns)
+    assert ns["kl"].shape == (n,)
+    mean = ok.topk_rkl_loss(hidden, lm_head.weight, teacher_ids, teacher_logprobs, response_mask)
+    assert_close("README actor example", ns["loss"], mean, 1e-6)
