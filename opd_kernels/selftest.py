@@ -20,8 +20,8 @@
 
 3. **Parity** of the Triton backend against the torch backend: per-token losses (``reduction="none"``, with a
    random upstream gradient) and the gradients of ``hidden``, ``weight`` and ``bias`` for every variant of
-   ``topk_rkl_loss`` (``stopgrad`` also with its stats), ``sampled_token_rkl_loss``, and ``teacher_topk`` (ids,
-   log-probs, lse, token log-probs). Shapes: a small one with bias, temperature 0.7, ``ignore_ids``, empty
+   ``topk_rkl_loss`` (``stopgrad`` also with its stats, ``tail`` also through a soft-capped, scaled head),
+   ``sampled_token_rkl_loss``, and ``teacher_topk`` (ids, log-probs, lse, token log-probs). Shapes: a small one with bias, temperature 0.7, ``ignore_ids``, empty
    slots, a row without any valid slot and masked / fractionally weighted tokens, in float32 and bfloat16; and
    a mid-size one (GPU: N=2048, V=32000, H=1024, K=64 in float32 and bfloat16; interpreter: N=37, V=1007,
    H=90, K=8 in float32; skipped by ``--quick``). Kernel outputs are NaN-filled before the kernels write them
@@ -207,6 +207,9 @@ def run_loss(p: Problem, case: str, dtype, backend=None, stats=False, reference=
     else:
         common["compute_dtype"] = torch.float64
     lib = ok if reference is None else reference
+    if case.endswith("+softcap"):          # a Gemma-2-style soft-capped, scaled head (logit transforms)
+        case = case[:-len("+softcap")]
+        common.update(logit_scale=SOFTCAP_CASE["logit_scale"], softcap=SOFTCAP_CASE["softcap"])
     if case == "sampled":
         out = lib.sampled_token_rkl_loss(h, w, p.token_ids, p.teacher_token_logprobs, p.mask, **common)
     else:
@@ -345,7 +348,10 @@ def compile_all(capability: str) -> dict:
                 ok=proc.returncode == 0 and not errors and bool(rows), stderr=proc.stderr[-500:])
 
 
-CASES = [(v, False) for v in VARIANTS] + [("stopgrad", True), ("sampled", False), ("teacher_topk", False)]
+#: The logit transforms of the ``+softcap`` case (a cap near the random logits' range, so that tanh bends).
+SOFTCAP_CASE = dict(logit_scale=0.7, softcap=3.0)
+CASES = [(v, False) for v in VARIANTS] + [("stopgrad", True), ("tail+softcap", False), ("sampled", False),
+                                          ("teacher_topk", False)]
 
 
 def _cases(only):
