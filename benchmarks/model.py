@@ -76,7 +76,7 @@ from pathlib import Path
 import torch
 
 from benchmarks.presets import PRESETS
-from opd_kernels.triton import _configs, blocked_bwd, gather, lse_sweep, sparse_bwd, teacher_topk
+from opd_kernels.triton import _configs, blocked_bwd, lse_sweep, sparse_bwd, teacher_topk
 
 MiB = 2 ** 20
 GB = 1e9

@@ -13,7 +13,7 @@ from typing import NamedTuple, Optional
 
 import torch
 
-from . import _math, _ops, _student
+from . import _math, _ops
 from . import _validation as V
 from ._config import get_options
 from ._spec import StudentLossSpec, TeacherSpec, build_spec

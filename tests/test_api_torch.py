@@ -12,7 +12,7 @@ import torch
 import opd_kernels as ok
 from reference import losses as R
 from reference import teacher as RT
-from tests.utils import assert_bf16_close, assert_close, grads, leaf_copies, make_problem
+from tests.utils import assert_close, grads, leaf_copies, make_problem
 
 VARIANTS = list(R.VARIANTS)
 

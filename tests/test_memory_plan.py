@@ -7,8 +7,6 @@ production plan of an H100 (sm_90, 132 SMs). The same accounting on a small real
 same allocations as the stubbed run, so stubbing hides nothing.
 """
 
-import os
-
 import pytest
 import torch
 

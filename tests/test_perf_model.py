@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from benchmarks import model as M
-from opd_kernels.triton import _configs, blocked_bwd, gather, lse_sweep, sparse_bwd, teacher_topk
+from opd_kernels.triton import _configs, blocked_bwd, gather, lse_sweep, teacher_topk
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HEADLINE = M.Shape(n=16384, v=128256)

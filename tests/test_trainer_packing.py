@@ -20,7 +20,7 @@ from tests.utils import assert_close  # noqa: E402
 
 
 # the fixtures and the micro model of the trainer tests (same rows: lengths 1 to 9, one response without eos)
-from tests.test_trainer import _micro, rows, tok  # noqa: E402,F401
+from tests.test_trainer import _micro, rows, tok  # noqa: E402,F401,F811 (fixtures)
 
 
 def test_packed_layout(tok, rows):

@@ -23,7 +23,7 @@ if not ok.triton_available():                                             # prag
     pytest.skip("Triton backend unavailable (no CUDA and TRITON_INTERPRET unset)", allow_module_level=True)
 
 from opd_kernels.triton import backend as TB  # noqa: E402
-from opd_kernels.triton import _configs, blocked_bwd, lse_sweep  # noqa: E402
+from opd_kernels.triton import blocked_bwd, lse_sweep  # noqa: E402
 from opd_kernels.triton._configs import overrides  # noqa: E402
 
 VARIANTS = list(R.VARIANTS)
