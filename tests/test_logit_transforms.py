@@ -16,8 +16,8 @@ import torch
 import opd_kernels as ok
 from reference import losses as R
 from reference import teacher as RT
-from tests.test_student_loss import _mask, _on_device, _plan, _run, _to
-from tests.utils import assert_bf16_close, assert_close, grads, leaf_copies, make_problem
+from tests.test_student_loss import _mask, _on_device, _plan, _run, _to, low_precision_parity
+from tests.utils import assert_close, grads, leaf_copies, make_problem
 
 VARIANTS = list(R.VARIANTS)
 #: (logit_scale, softcap) cases: a scale alone, a soft-cap alone, both; the caps are small against the raw
@@ -115,23 +115,7 @@ def test_sampled_token_parity(backend, device, transform):
 def test_softcap_low_precision(backend, device):
     """bf16 inputs with a soft-cap: no worse than plain bf16 PyTorch (2× its error + 1e-3) against the float64
     truth on the same rounded inputs."""
-    dtype = torch.bfloat16
-    prob = make_problem(n=41, v=1003, k=6, seed=21)
-    mask = _mask("bool", (41,))
-    kw = dict(variant="tail", temperature=1.3, logit_scale=0.8, softcap=3.0, ignore_ids=[7], reduction="none")
-    upstream = torch.randn(41, generator=torch.Generator().manual_seed(22), dtype=torch.float64)
-    ours, base = _on_device(leaf_copies(prob, dtype), device), leaf_copies(prob, dtype)
-    truth = leaf_copies(leaf_copies(prob, dtype), torch.float64)
-    with _plan(backend, chunk_size=16, blocks=(16, 192, 2)):
-        out = _run(ok.topk_rkl_loss, ours, backend=backend, mask=_to(mask, device), **kw)
-    ref = _run(R.topk_rkl_loss, truth, mask=mask, **kw)
-    baseline = _run(R.topk_rkl_loss, base, compute_dtype=None, mask=mask, **kw)
-    for y in (out, ref, baseline):
-        (y * upstream.to(y.device, y.dtype)).sum().backward()
-    assert_bf16_close("loss", out, baseline, ref)
-    for key in grads(ours):
-        assert grads(ours)[key].dtype == dtype
-        assert_bf16_close(f"grad_{key}", grads(ours)[key], grads(base)[key], grads(truth)[key])
+    low_precision_parity(backend, device, torch.bfloat16, 21, variant="tail", logit_scale=0.8, softcap=3.0)
 
 
 # ------------------------------------------------------------------------------------------------ teacher

@@ -110,19 +110,18 @@ def test_parity_options(backend, device, variant):
                   ignore=False, with_bias=False)
 
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("variant", VARIANTS)
-def test_parity_low_precision(backend, device, variant, dtype):
-    """16-bit inputs: no worse than plain low-precision PyTorch (2× its error + 1e-3) against the float64
-    truth on the same rounded inputs, per token with a random upstream gradient. Triton: a blocked backward
-    of 3 row chunks × 6 vocabulary blocks (the last ones short), grad_W rounded to 16 bits per chunk."""
-    prob = make_problem(n=41, v=1003, k=6, seed=11)
+def low_precision_parity(backend, device, dtype, seed, deterministic=False, **kw):
+    """``topk_rkl_loss(**kw)`` on 16-bit inputs: no worse than plain low-precision PyTorch (2× its error +
+    1e-3) against the float64 truth on the same rounded inputs, per token with a random upstream gradient,
+    value and every gradient. Triton: a blocked backward of 3 row chunks × 6 vocabulary blocks (the last ones
+    short), grad_W rounded to 16 bits per chunk."""
+    prob = make_problem(n=41, v=1003, k=6, seed=seed)
     mask = _mask("bool", (41,))
-    kw = dict(variant=variant, temperature=1.3, ignore_ids=[7], reduction="none")
-    upstream = torch.randn(41, generator=torch.Generator().manual_seed(12), dtype=torch.float64)
+    kw = dict(temperature=1.3, ignore_ids=[7], reduction="none", **kw)
+    upstream = torch.randn(41, generator=torch.Generator().manual_seed(seed + 1), dtype=torch.float64)
     ours, base = _on_device(leaf_copies(prob, dtype), device), leaf_copies(prob, dtype)
     truth = leaf_copies(leaf_copies(prob, dtype), torch.float64)   # exact math on the rounded inputs
-    with _plan(backend, chunk_size=16, blocks=(16, 192, 2), deterministic=variant == "tail"):
+    with _plan(backend, chunk_size=16, blocks=(16, 192, 2), deterministic=deterministic):
         out = _run(ok.topk_rkl_loss, ours, backend=backend, mask=_to(mask, device), **kw)
     ref = _run(R.topk_rkl_loss, truth, mask=mask, **kw)
     baseline = _run(R.topk_rkl_loss, base, compute_dtype=None, mask=mask, **kw)      # plain low-precision PyTorch
@@ -132,6 +131,12 @@ def test_parity_low_precision(backend, device, variant, dtype):
     for key in grads(ours):
         assert grads(ours)[key].dtype == dtype
         assert_bf16_close(f"grad_{key}", grads(ours)[key], grads(base)[key], grads(truth)[key])
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_parity_low_precision(backend, device, variant, dtype):
+    low_precision_parity(backend, device, dtype, 11, deterministic=variant == "tail", variant=variant)
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
