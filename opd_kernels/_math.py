@@ -18,6 +18,7 @@ applies the sparse part ``g`` on ≤ K ids and the dense part ``−c π`` in a r
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -26,6 +27,8 @@ import torch
 VARIANTS = ("unnormalized", "stopgrad", "renorm", "tail", "fkl")
 #: Internal variant used by ``sampled_token_rkl_loss`` (K = 1, value ``log p_x − t_x``).
 SAMPLED = "sampled"
+#: Internal variant of a composed ``opd_kernels.Objective`` (the spec's divergence / support_mass / gradient).
+CUSTOM = "custom"
 #: Variants whose gradient has no dense part (no backward sweep over the vocabulary).
 NO_DENSE = ("renorm",)
 #: Floor for the rest-bucket masses of ``"tail"`` (p_R, t_R); below it the bucket is treated as empty.
@@ -38,9 +41,28 @@ def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def needs_lse(variant: str, need_stats: bool) -> bool:
-    """Whether the forward needs a vocabulary sweep (lse) for this variant."""
-    return need_stats or variant not in NO_DENSE
+def has_dense(spec) -> bool:
+    """Whether the spec's gradient has a dense part ``−c π`` (a backward sweep over the vocabulary): every
+    objective but those renormalized over the support (``renorm``), whose value depends on the student only
+    through the logits at the support (c = 0)."""
+    if spec.variant == CUSTOM:
+        return spec.support_mass != "renorm"
+    return spec.variant not in NO_DENSE
+
+
+def needs_lse(spec) -> bool:
+    """Whether the forward needs the student logsumexp (a vocabulary sweep) for this spec."""
+    return spec.need_stats or has_dense(spec)
+
+
+def objective_terms(spec, z_sel: torch.Tensor, lse: torch.Tensor | None, teacher_logprobs: torch.Tensor,
+                    valid: torch.Tensor):
+    """:func:`slot_terms` of the spec: a preset's own formulas (unchanged), or :func:`composed_terms` for a
+    composed objective (``spec.variant == CUSTOM``)."""
+    if spec.variant != CUSTOM:
+        return slot_terms(spec.variant, z_sel, lse, teacher_logprobs, valid)
+    return composed_terms(spec.divergence, spec.support_mass, spec.gradient, spec.beta, spec.alpha, z_sel, lse,
+                          teacher_logprobs, valid)
 
 
 def slot_terms(variant: str, z_sel: torch.Tensor, lse: torch.Tensor | None,
@@ -130,3 +152,87 @@ def merge_partials(m: torch.Tensor, s: torch.Tensor, e: Optional[torch.Tensor] =
     if e is None:
         return lse, None
     return lse, log_total - (scale * (e + s * (m - top))).sum(0) / total
+
+
+# ------------------------------------------------------------------------------ composed objectives
+
+def _divergence_terms(divergence: str, a, b, beta: float, alpha: float):
+    """Per-slot value ``d`` and ``δ = ∂d/∂a`` from the slot log-masses ``a`` (student) and ``b`` (teacher)
+    (docs/math.md §11): reverse ``P (a − b)``, forward ``Q (b − a)``, jsd(β) ``β Q (b − log M) + (1 − β) P
+    (a − log M)`` with ``M = β Q + (1 − β) P`` (β = 0 / 1: forward / reverse), mixed(α) ``α·forward + (1 − α)·
+    reverse``."""
+    p, q = a.exp(), b.exp()
+    if divergence == "jsd":
+        if beta == 0.0:
+            divergence = "forward"
+        elif beta == 1.0:
+            divergence = "reverse"
+    if divergence == "reverse":
+        return p * (a - b), p * (a - b + 1.0)
+    if divergence == "forward":
+        return q * (b - a), -q
+    if divergence == "mixed":
+        d_f, g_f = q * (b - a), -q
+        d_r, g_r = p * (a - b), p * (a - b + 1.0)
+        return alpha * d_f + (1.0 - alpha) * d_r, alpha * g_f + (1.0 - alpha) * g_r
+    if divergence == "jsd":
+        log_m = torch.logaddexp(b + math.log(beta), a + math.log1p(-beta))
+        d = beta * q * (b - log_m) + (1.0 - beta) * p * (a - log_m)
+        return d, (1.0 - beta) * p * (a - log_m)     # the ∂ log M terms cancel: β Q + (1 − β) P = M
+    raise ValueError(f"unknown divergence {divergence!r}")
+
+
+def composed_terms(divergence: str, support_mass: str, gradient: str, beta: float, alpha: float,
+                   z_sel: torch.Tensor, lse: torch.Tensor | None, teacher_logprobs: torch.Tensor,
+                   valid: torch.Tensor):
+    """:func:`slot_terms` of a composed objective (docs/math.md §11): ``(loss [N], g [N, K], student_mass,
+    teacher_mass)`` with ``∂loss_n/∂z_nj = Σ_k g_nk [j = id_nk] − (Σ_k g_nk) π_nj`` (for ``"renorm"`` Σ_k g = 0
+    and there is no dense part).
+
+    Slot log-masses: ``"truncate"`` a = log p at the ids, b = t; ``"renorm"`` a, b renormalized over the valid
+    slots; ``"tail"`` the slots plus a rest bucket ``a_R = log max(1 − Σ p, ε)``, ``b_R = log max(1 − Σ e^t, ε)``.
+    ``δ = ∂ℓ/∂a`` (``gradient="full"``) or the slot terms themselves (``"stopgrad"``: ``Σ sg(d) ∇a``) is chained
+    to the ids: truncate ``g = δ``; renorm ``g = δ − q Σ δ``; tail ``g = δ − δ_R p / p_R`` (no rest term when the
+    bucket is clamped)."""
+    zero = torch.zeros((), dtype=z_sel.dtype, device=z_sel.device)
+    t = torch.where(valid, teacher_logprobs, zero)
+    teacher_p = torch.where(valid, t.exp(), zero)
+    teacher_mass = teacher_p.sum(-1)
+    student_mass = None
+    if lse is not None:
+        student_mass = torch.where(valid, (z_sel - lse.unsqueeze(-1)).exp(), zero).sum(-1)
+    if support_mass == "renorm":
+        neg_inf = torch.full((), float("-inf"), dtype=z_sel.dtype, device=z_sel.device)
+        any_valid = valid.any(-1, keepdim=True)
+        zs, ts = torch.where(valid, z_sel, neg_inf), torch.where(valid, t, neg_inf)
+        a = torch.where(valid, zs - torch.where(any_valid, zs.logsumexp(-1, keepdim=True), zero), zero)
+        b = torch.where(valid, ts - torch.where(any_valid, ts.logsumexp(-1, keepdim=True), zero), zero)
+    else:
+        if lse is None:
+            raise ValueError(f"support_mass {support_mass!r} needs the student logsumexp")
+        a = torch.where(valid, z_sel - lse.unsqueeze(-1), zero)
+        b = t
+    d, delta = _divergence_terms(divergence, a, b, beta, alpha)
+    d, delta = torch.where(valid, d, zero), torch.where(valid, delta, zero)
+    if gradient == "stopgrad":
+        delta = d
+    loss = d.sum(-1)
+    if support_mass == "truncate":
+        g = delta
+    elif support_mass == "renorm":
+        g = torch.where(valid, delta - a.exp() * delta.sum(-1, keepdim=True), zero)
+    elif support_mass == "tail":
+        rest_p_raw = 1.0 - student_mass
+        a_r = rest_p_raw.clamp_min(TAIL_EPS).log()
+        b_r = (1.0 - teacher_mass).clamp_min(TAIL_EPS).log()
+        d_r, delta_r = _divergence_terms(divergence, a_r, b_r, beta, alpha)
+        if gradient == "stopgrad":
+            delta_r = d_r
+        loss = loss + d_r
+        live = rest_p_raw > TAIL_EPS
+        # ∂a_R/∂a_k = −p_k / p_R while the bucket is not clamped (a clamped bucket is a constant)
+        coef = torch.where(live, delta_r / rest_p_raw.clamp_min(TAIL_EPS), zero)
+        g = torch.where(valid, delta - coef.unsqueeze(-1) * a.exp(), zero)
+    else:
+        raise ValueError(f"unknown support_mass {support_mass!r}")
+    return loss, g, student_mass, teacher_mass

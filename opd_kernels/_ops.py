@@ -7,7 +7,7 @@ Three ops in the ``opd_kernels`` namespace; tensors in, tensors out, every non-t
 ``float`` / ``bool`` / ``int`` argument:
 
 - ``opd_kernels::student_loss(hidden [N,H], weight [V,H], bias [V]?, ids [N,K] int64, teacher_logprobs [N,K],
-  backend, <StudentLossSpec fields>) -> (loss, kl, student_topk_mass, teacher_topk_mass, entropy,
+  sweep_lse [N]?, sweep_entropy [N]?, backend, <StudentLossSpec fields>) -> (loss, kl, student_topk_mass, teacher_topk_mass, entropy,
   skipped_tile_fraction, g, lse)`` (float32, float64 for float64 inputs): the forward plan of
   ``_student.forward_rows``. The stats are ``[N]`` (``[0]`` without ``need_stats``), ``skipped_tile_fraction``
   is 0-dim NaN (``[0]`` without stats); ``g [N,K]`` and ``lse [N]`` (``[0]`` when the variant needs none)
@@ -135,12 +135,18 @@ def _empty(like, dtype=None):
 
 @torch.library.custom_op(
     "opd_kernels::student_loss", mutates_args=(),
-    schema=f"(Tensor hidden, Tensor weight, Tensor? bias, Tensor ids, Tensor teacher_logprobs, str backend, "
-           f"{_spec_schema(StudentLossSpec)}) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
-def _student_loss_op(hidden, weight, bias, ids, teacher_logprobs, backend, *spec_values):
+    schema=f"(Tensor hidden, Tensor weight, Tensor? bias, Tensor ids, Tensor teacher_logprobs, Tensor? sweep_lse, "
+           f"Tensor? sweep_entropy, str backend, {_spec_schema(StudentLossSpec)}) "
+           f"-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
+def _student_loss_op(hidden, weight, bias, ids, teacher_logprobs, sweep_lse, sweep_entropy, backend, *spec_values):
     spec = StudentLossSpec(*spec_values)
+    sweep = None if sweep_lse is None else (sweep_lse, sweep_entropy)
     loss, stats, g, lse = _student.forward_rows(hidden, weight, bias, ids, teacher_logprobs, spec,
-                                                _backend_module(backend))
+                                                _backend_module(backend), sweep=sweep)
+    if sweep is not None:             # an op's outputs may not alias its inputs
+        lse = None if lse is None else lse.clone()
+        stats = None if stats is None else tuple(None if x is None else
+                                                  (x.clone() if x is sweep_entropy else x) for x in stats)
     if spec.need_stats:               # skipped_tile_fraction: NaN until the backward fills it in (eagerly)
         stats = (*(s.contiguous() for s in stats), loss.new_full((), float("nan")))
     else:
@@ -149,17 +155,17 @@ def _student_loss_op(hidden, weight, bias, ids, teacher_logprobs, backend, *spec
 
 
 @_student_loss_op.register_fake
-def _(hidden, weight, bias, ids, teacher_logprobs, backend, *spec_values):
+def _(hidden, weight, bias, ids, teacher_logprobs, sweep_lse, sweep_entropy, backend, *spec_values):
     spec = StudentLossSpec(*spec_values)
     n, k, acc = hidden.shape[0], ids.shape[1], acc_dtype(hidden.dtype)
     stat = (lambda: hidden.new_empty(n, dtype=acc)) if spec.need_stats else (lambda: _empty(hidden))
     stats = (stat(), stat(), stat(), stat(), hidden.new_empty((), dtype=acc) if spec.need_stats else _empty(hidden))
-    lse = hidden.new_empty(n, dtype=acc) if needs_lse(spec.variant, spec.need_stats) else _empty(hidden)
+    lse = hidden.new_empty(n, dtype=acc) if needs_lse(spec) or sweep_lse is not None else _empty(hidden)
     return (hidden.new_empty(n, dtype=acc), *stats, hidden.new_empty((n, k), dtype=acc), lse)
 
 
 def _setup_context(ctx, inputs, output):
-    hidden, weight, bias, ids, _t, backend, *spec_values = inputs
+    hidden, weight, bias, ids, _t, _sweep_lse, _sweep_entropy, backend, *spec_values = inputs
     loss, kl, smass, tmass, entropy, skipped, g, lse = output
     ctx.save_for_backward(hidden, weight, bias, ids, g, lse)
     ctx.op_args = (backend, *spec_values)
@@ -179,7 +185,7 @@ def _backward(ctx, grad_loss, *_grad_others):
     if ctx.skipped is not None:
         ctx.skipped.copy_(skipped)
     return (grad_h if need_h else None, grad_w if need_w else None, grad_b if need_b else None,
-            None, None, None, *([None] * _N_STUDENT))
+            None, None, None, None, None, *([None] * _N_STUDENT))
 
 
 _student_loss_op.register_autograd(_backward, setup_context=_setup_context)
@@ -249,11 +255,14 @@ def _(hidden, weight, bias, ignore_ids, token_ids, backend, *spec_values):
 
 # --------------------------------------------------------------------------------------- entry points
 
-def student_loss(backend: str, hidden, weight, bias, ids, teacher_logprobs, spec: StudentLossSpec):
+def student_loss(backend: str, hidden, weight, bias, ids, teacher_logprobs, spec: StudentLossSpec, sweep=None):
     """``(loss [N] float32, stats dict or None)`` through ``opd_kernels::student_loss`` (same contract as
-    ``_student.student_loss``, with the backend given by name)."""
+    ``_student.student_loss``, with the backend given by name; ``sweep``: ``(lse, entropy or None)`` of a
+    vocabulary sweep the caller ran already, ``_student.forward_rows``)."""
+    sweep_lse, sweep_entropy = (None, None) if sweep is None else sweep
     loss, *stats, _g, _lse = torch.ops.opd_kernels.student_loss(
-        hidden, weight, bias, ids, teacher_logprobs, backend, *_spec_values(spec, _STUDENT_FIELDS))
+        hidden, weight, bias, ids, teacher_logprobs, sweep_lse, sweep_entropy, backend,
+        *_spec_values(spec, _STUDENT_FIELDS))
     return loss, (dict(zip(_student.STAT_NAMES, stats)) if spec.need_stats else None)
 
 
@@ -262,3 +271,31 @@ def teacher_topk(backend: str, hidden, weight, bias, ignore_ids, token_ids, spec
     ids, logprobs, lse, token_lp = torch.ops.opd_kernels.teacher_topk(
         hidden, weight, bias, ignore_ids, token_ids, backend, *_spec_values(spec, _TEACHER_FIELDS))
     return ids, logprobs, lse, (None if token_ids is None else token_lp)
+
+
+# ------------------------------------------------------------------------------------- teacher at given ids
+
+@torch.library.custom_op(
+    "opd_kernels::gather_logprobs", mutates_args=(),
+    schema=f"(Tensor hidden, Tensor weight, Tensor? bias, Tensor ids, Tensor lse, str backend, "
+           f"{_spec_schema(TeacherSpec)}) -> Tensor")
+def _gather_logprobs_op(hidden, weight, bias, ids, lse, backend, *spec_values):
+    spec = TeacherSpec(*spec_values)
+    vocab = weight.shape[0]
+    inside = (ids >= 0) & (ids < vocab)
+    z = _backend_module(backend).gather_logits(hidden.contiguous(), weight.contiguous(),
+                                               None if bias is None else bias.contiguous(),
+                                               torch.where(inside, ids, -1).contiguous(), spec)
+    return torch.where(inside, z.to(_F32) - lse.to(_F32)[:, None], float("-inf")).contiguous()
+
+
+@_gather_logprobs_op.register_fake
+def _(hidden, weight, bias, ids, lse, backend, *spec_values):
+    return hidden.new_empty(ids.shape, dtype=_F32)
+
+
+def gather_logprobs(backend: str, hidden, weight, bias, ids, lse, spec: TeacherSpec):
+    """``z[ids] − lse`` ``[N, k]`` float32 (−inf at ids outside ``[0, V)``) through ``opd_kernels::gather_logprobs``:
+    K gathered dot products per row, no vocabulary sweep (``spec``: the temperature and logit transforms)."""
+    return torch.ops.opd_kernels.gather_logprobs(hidden, weight, bias, ids, lse, backend,
+                                                 *_spec_values(spec, _TEACHER_FIELDS))

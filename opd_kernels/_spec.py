@@ -34,7 +34,10 @@ class StudentLossSpec:
     """Everything but the tensors that a student loss (``topk_rkl_loss`` / ``sampled_token_rkl_loss``) needs.
 
     Attributes:
-        variant: one of ``_math.VARIANTS`` or ``_math.SAMPLED``.
+        variant: one of ``_math.VARIANTS`` (a preset: the fields below are then ignored), ``_math.SAMPLED``, or
+            ``_math.CUSTOM``: the objective of the fields below (``opd_kernels.objectives``).
+        divergence, support_mass, gradient: the axes of an ``opd_kernels.Objective`` (``variant="custom"``).
+        beta: the JSD β (``divergence="jsd"``); alpha: the forward-KL weight (``divergence="mixed"``).
         temperature: student logits are ``(h Wᵀ + b) / temperature`` (after the transforms below).
         logit_scale: raw logits ``a = h Wᵀ + b`` are multiplied by it first (Cohere ``logit_scale``, Granite
             ``1 / logits_scaling``, Falcon-H1 ``lm_head_multiplier``).
@@ -48,6 +51,11 @@ class StudentLossSpec:
     """
 
     variant: str
+    divergence: str = "reverse"
+    support_mass: str = "truncate"
+    gradient: str = "full"
+    beta: float = 0.5
+    alpha: float = 0.5
     temperature: float = 1.0
     logit_scale: float = 1.0
     softcap: float | None = None
@@ -96,6 +104,9 @@ class TeacherSpec:
 
 #: Fields every backend must support (they define the call).
 REQUIRED_FIELDS = frozenset({"variant", "need_stats", "k"})
+#: Fields of a composed objective (``variant="custom"``): the math of ``_math.objective_terms``, shared by every
+#: backend (a backend only provides lse, logits at ids and the sparse + dense gradient).
+OBJECTIVE_FIELDS = frozenset({"divergence", "support_mass", "gradient", "beta", "alpha"})
 
 
 def build_spec(cls, backend_name: str, supported, options, **fields):
@@ -120,7 +131,7 @@ def build_spec(cls, backend_name: str, supported, options, **fields):
 def check_supported(spec, backend_name: str, supported) -> None:
     """``ValueError`` naming the backend and the field when a non-default field is not in ``supported``."""
     for f in dataclasses.fields(spec):
-        if f.name in REQUIRED_FIELDS or f.name in supported:
+        if f.name in REQUIRED_FIELDS or f.name in OBJECTIVE_FIELDS or f.name in supported:
             continue
         value = getattr(spec, f.name)
         if value != f.default:

@@ -79,17 +79,23 @@ def _autocast_off(fn):
 
 
 @_autocast_off
-def forward_rows(hidden, weight, bias, ids, teacher_logprobs, spec: StudentLossSpec, backend):
+def forward_rows(hidden, weight, bias, ids, teacher_logprobs, spec: StudentLossSpec, backend, sweep=None):
     """The forward plan on one backend module: ``(loss [N], stats, g [N, K], lse [N] | None)`` with ``stats =
     (kl, student_topk_mass, teacher_topk_mass, entropy)`` (``[N]`` float32 each; None without
-    ``spec.need_stats``). ``g`` and ``lse`` are what :func:`backward_rows` needs."""
+    ``spec.need_stats``). ``g`` and ``lse`` are what :func:`backward_rows` needs.
+
+    ``sweep``: ``(lse [N], entropy [N] | None)`` of these rows when the caller's vocabulary sweep produced them
+    already (the student top-k sweep of a ``"student"`` support, ``opd_kernels.api``); the plan then gathers the
+    logits at the ids and does not sweep again (it still does when stats need an entropy the sweep lacks)."""
     hidden, weight = hidden.contiguous(), weight.contiguous()
     bias = None if bias is None else bias.contiguous()
     ids, teacher_logprobs = ids.contiguous(), teacher_logprobs.contiguous()
     n = hidden.shape[0]
     valid = ids >= 0
     lse = entropy = z_sel = None
-    if _math.needs_lse(spec.variant, spec.need_stats):
+    if sweep is not None and (sweep[1] is not None or not spec.need_stats):
+        lse, entropy = sweep[0], (sweep[1] if spec.need_stats else None)
+    elif _math.needs_lse(spec):
         if n:
             parts = backend.lse_partials(hidden, weight, bias, ids, spec)
             lse, entropy = merge_partials(parts.m, parts.s, parts.e)
@@ -99,7 +105,7 @@ def forward_rows(hidden, weight, bias, ids, teacher_logprobs, spec: StudentLossS
             entropy = torch.empty_like(lse) if spec.need_stats else None
     if z_sel is None:
         z_sel = backend.gather_logits(hidden, weight, bias, ids, spec)
-    loss, g, student_mass, teacher_mass = _math.slot_terms(spec.variant, z_sel, lse, teacher_logprobs, valid)
+    loss, g, student_mass, teacher_mass = _math.objective_terms(spec, z_sel, lse, teacher_logprobs, valid)
     stats = (loss.detach().clone(), student_mass, teacher_mass, entropy) if spec.need_stats else None
     return loss, stats, g, lse
 
@@ -113,7 +119,7 @@ def backward_rows(grad_loss, hidden, weight, bias, ids, g, lse, spec: StudentLos
     bias = None if bias is None else bias.contiguous()
     need_b = need_b and bias is not None
     g = (g * grad_loss.to(g.dtype).unsqueeze(-1)).contiguous()        # [N, K], upstream folded in
-    dense = spec.variant not in _math.NO_DENSE and hidden.shape[0] > 0
+    dense = _math.has_dense(spec) and hidden.shape[0] > 0
     return backend.input_grads(hidden, weight, bias, ids.contiguous(), lse if dense else None, g, spec,
                                need_h, need_w, need_b, skipped=skipped)
 

@@ -14,7 +14,6 @@ import numbers
 
 import torch
 
-from ._math import VARIANTS
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
 #: A teacher log-prob above this (nats) is impossible (log-probs are ≤ 0): raw logits passed?
@@ -34,7 +33,9 @@ def check_choice(name, value, choices):
 
 
 def check_variant(variant):
-    return check_choice("variant", variant, VARIANTS)
+    """``variant`` (a preset name or an ``opd_kernels.Objective``) as an ``Objective``."""
+    from .objectives import as_objective
+    return as_objective(variant)
 
 
 def check_reduction(reduction):

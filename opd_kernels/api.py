@@ -174,14 +174,17 @@ def _float_weights(mask, dtype=torch.float32):
 @_eager_when_distributed
 def topk_rkl_loss(hidden, weight, teacher_ids, teacher_logprobs, mask=None, *, variant="stopgrad", bias=None,
                   temperature=1.0, logit_scale=1.0, softcap=None, ignore_ids=None, reduction="mean", backend="auto",
-                  return_stats=False, vocab_parallel_group=None, vocab_start_index=None, normalizer=None):
-    """Reverse KL of the student against the teacher's top-K, without materializing ``[N, V]`` logits.
+                  return_stats=False, vocab_parallel_group=None, vocab_start_index=None, normalizer=None,
+                  teacher_scorer=None, topk_overlap=False):
+    """Reverse KL of the student against the teacher's top-K (or any composed top-K objective: ``variant`` may be
+    an :class:`opd_kernels.Objective`), without materializing ``[N, V]`` logits.
 
     Args:
         hidden: ``[*, H]`` student final hidden states (before the LM head); float32, bfloat16 or float16
             (float64 too on the torch backend, e.g. for ``torch.autograd.gradcheck``).
         weight: ``[V, H]`` student LM-head weight, same dtype as ``hidden``.
-        teacher_ids: ``[*, K]`` int32/int64 teacher top-K ids; a negative id marks an empty slot.
+        teacher_ids: ``[*, K]`` int32/int64 teacher top-K ids; a negative id marks an empty slot. None (with
+            ``teacher_logprobs`` None) exactly when the objective's ``support`` is ``"student"``.
         teacher_logprobs: ``[*, K]`` teacher log-probs normalized over the teacher's whole vocabulary;
             ``-inf`` also marks an empty slot (so does a negative id, whatever its log-prob, NaN included).
             Never receives a gradient. Under ``check_values`` (one device sync per call for all value
@@ -194,7 +197,10 @@ def topk_rkl_loss(hidden, weight, teacher_ids, teacher_logprobs, mask=None, *, v
             before the sweep, or computed on a zeroed hidden state with empty slots and excluded with
             ``torch.where``): NaN / inf there, in its hidden state or its teacher slots, changes nothing.
         variant: ``"stopgrad"`` (default, unbiased gradient), ``"unnormalized"`` (biased truncated RKL),
-            ``"renorm"`` (KL of both renormalized over S), ``"tail"`` (with the rest bucket) or ``"fkl"``.
+            ``"renorm"`` (KL of both renormalized over S), ``"tail"`` (with the rest bucket) or ``"fkl"``; or an
+            :class:`opd_kernels.Objective` composing divergence (reverse / forward / jsd / mixed), support mass
+            (truncate / renorm / tail), gradient (full / stopgrad) and support (teacher / teacher+student /
+            student); the five names are presets of it (``Objective.preset(name)``, docs/math.md §11).
         bias: optional ``[V]`` LM-head bias.
         temperature: student logits are divided by it before the softmax.
         logit_scale: the raw logits ``a = h Wᵀ + b`` are multiplied by it first (finite, > 0; default 1).
@@ -228,6 +234,19 @@ def topk_rkl_loss(hidden, weight, teacher_ids, teacher_logprobs, mask=None, *, v
             per-rank losses sum to the global mean (transformers' ``num_items_in_batch`` convention; a
             data-parallel wrapper that averages gradients over R ranks, as DDP and FSDP2 do, then needs
             the loss × R before ``backward``).
+        teacher_scorer: with an objective whose ``support`` is ``"student"`` or ``"teacher+student"``: a callable
+            ``ids [*, student_k] int64 -> teacher log-probs [*, student_k]`` (normalized over the teacher's
+            vocabulary, same temperature) at the student's own top ids, which the loss takes in its vocabulary
+            sweep (exact ties → the lower id; ``ignore_ids`` never taken). Called once per call, without
+            autograd; an id of −1 marks a slot whose value is not used. A ``-inf`` it returns empties that
+            slot. For a teacher in the same process, :class:`opd_kernels.TeacherScorer` gathers K dot products
+            of the teacher's hidden states instead of a second teacher sweep; for a remote teacher, a function
+            that queries it. In ``"teacher+student"`` a student id already among the row's valid teacher
+            slots is not counted twice.
+        topk_overlap: with ``return_stats``: also return ``topk_overlap``, per token the fraction of the valid
+            teacher slots whose id is among the student's own top-K (K = ``teacher_ids.shape[-1]``, taken in
+            the same vocabulary sweep; the collapse signal of the seed paper: it falls when the student's mass
+            leaves the teacher's support).
 
     Returns:
         float32 loss (scalar, or ``[*]`` for ``reduction="none"``; float64 for float64 inputs), and the
@@ -249,7 +268,7 @@ def topk_rkl_loss(hidden, weight, teacher_ids, teacher_logprobs, mask=None, *, v
     skipped, masked rows are computed and excluded with ``torch.where`` instead of dropped, only the
     process-wide options apply, and ``skipped_tile_fraction`` stays NaN.
     """
-    variant = V.check_variant(variant)
+    objective = V.check_variant(variant)
     reduction = V.check_reduction(reduction)
     temperature = V.check_temperature(temperature)
     logit_scale, softcap = V.check_logit_scale(logit_scale), V.check_softcap(softcap)
@@ -259,39 +278,163 @@ def topk_rkl_loss(hidden, weight, teacher_ids, teacher_logprobs, mask=None, *, v
     V.check_linear(hidden, weight, bias)
     lead = hidden.shape[:-1]
     device = hidden.device
-    k = V.check_teacher(teacher_ids, teacher_logprobs, lead, device)
+    own_support = objective.support != "teacher"
+    _check_composed(objective, teacher_ids, teacher_logprobs, teacher_scorer, topk_overlap, return_stats, group)
+    k = 0 if teacher_ids is None else V.check_teacher(teacher_ids, teacher_logprobs, lead, device)
     mask = V.check_mask(mask, lead, device)
     ignore = V.as_ignore_ids(ignore_ids, device)
     name, impl = _backend(backend, device, hidden.dtype)
-    spec = build_spec(StudentLossSpec, name, impl.SUPPORTED, get_options(), variant=variant,
+    spec = build_spec(StudentLossSpec, name, impl.SUPPORTED, get_options(), **_objective_fields(objective),
                       temperature=temperature, logit_scale=logit_scale, softcap=softcap,
                       need_stats=bool(return_stats))
 
     n, vocab = hidden[..., 0].numel(), _vocab(weight, group)
     acc = _math.acc_dtype(hidden.dtype)
-    ids = teacher_ids.reshape(n, k).long()
-    t = teacher_logprobs.reshape(n, k).to(acc)
+    if teacher_ids is None:                                # support="student": the sweep gives every slot
+        ids = torch.full((n, 0), -1, dtype=torch.long, device=device)
+        t = torch.zeros((n, 0), dtype=acc, device=device)
+    else:
+        ids, t = teacher_ids.reshape(n, k).long(), teacher_logprobs.reshape(n, k).to(acc)
     weights = _float_weights(mask, acc)
     counted = None if mask is None else weights != 0
-    if _ops.value_checks():
+    if _ops.value_checks() and k:
         V.check_teacher_values(ids, t, vocab, rows=counted, ignore=ignore)
     ids, t, valid = fold_slots(ids, t, ignore, vocab)
 
     keep = counted
-    if not return_stats:
+    if not return_stats and not own_support:
         # rows without a valid slot contribute 0 to value and gradient
         keep = valid.any(-1) if keep is None else keep & valid.any(-1)
     idx = _kept_rows(keep)
     h = hidden.reshape(n, hidden.shape[-1])
+    blanked = None
     if idx is not None:
         h, ids, t = h.index_select(0, idx), ids.index_select(0, idx), t.index_select(0, idx)
     elif keep is not None and not _ops.drop_rows():
         h, ids, t = _blank_rows(keep, h, ids, t)
-    loss_rows, stats_rows = _student_loss(name, h, weight, bias, ids, t, spec, group, start, weights)
+        blanked = keep
+    sweep = overlap = None
+    if own_support or topk_overlap:
+        ids, t, sweep, overlap = _student_sweep(objective, name, impl, h, weight, bias, ids, t, ignore, temperature,
+                                                logit_scale, softcap, teacher_scorer, topk_overlap, idx, blanked,
+                                                lead, n, acc)
+    loss_rows, stats_rows = _student_loss(name, h, weight, bias, ids, t, spec, group, start, weights, sweep)
     loss = _reduce(_scatter_rows(loss_rows, idx, n), weights, reduction, lead, normalizer)
     if not return_stats:
         return loss
+    if overlap is not None:
+        stats_rows = {**stats_rows, "topk_overlap": overlap}
     return loss, _finish_stats(stats_rows, idx, n, keep, lead)
+
+
+def _objective_fields(objective):
+    """The spec fields of an objective: a preset by its name (its own formulas), else ``variant="custom"``."""
+    if objective.name is not None:
+        return dict(variant=objective.name)
+    return dict(variant=_math.CUSTOM, divergence=objective.divergence, support_mass=objective.support_mass,
+                gradient=objective.gradient, beta=objective.jsd_beta, alpha=objective.mixed_alpha)
+
+
+def _check_composed(objective, teacher_ids, teacher_logprobs, teacher_scorer, topk_overlap, return_stats, group):
+    """The arguments a composed objective's support and the overlap stat need, with errors that say why."""
+    if not isinstance(topk_overlap, bool):
+        raise TypeError(f"topk_overlap must be a bool, got {type(topk_overlap).__name__}")
+    if topk_overlap and not return_stats:
+        raise ValueError("topk_overlap=True is a stat: pass return_stats=True as well")
+    student_only = objective.support == "student"
+    if student_only and (teacher_ids is not None or teacher_logprobs is not None):
+        raise ValueError("support='student' takes its ids from the student's own top-k: pass teacher_ids=None and "
+                         "teacher_logprobs=None (the teacher's log-probs come from teacher_scorer); "
+                         "support='teacher+student' adds the student's ids to given teacher slots")
+    if not student_only and (teacher_ids is None or teacher_logprobs is None):
+        raise ValueError(f"support={objective.support!r} needs teacher_ids and teacher_logprobs (None is accepted "
+                         "only with support='student')")
+    if objective.support != "teacher":
+        if teacher_scorer is None:
+            raise ValueError(f"support={objective.support!r} needs teacher_scorer: a callable giving the teacher's "
+                             "log-probs at the student's top ids (e.g. opd_kernels.TeacherScorer(teacher_hidden, "
+                             "teacher_weight, lse=teacher_topk(...).lse))")
+        if not callable(teacher_scorer):
+            raise TypeError(f"teacher_scorer must be callable, got {type(teacher_scorer).__name__}")
+    elif teacher_scorer is not None:
+        raise ValueError("teacher_scorer is used only with support='student' or 'teacher+student' "
+                         f"(got support={objective.support!r})")
+    if topk_overlap and student_only:
+        raise ValueError("topk_overlap compares the teacher's slots with the student's top-K: it needs teacher_ids "
+                         "(support='teacher' or 'teacher+student')")
+    if group is not None and (objective.support != "teacher" or topk_overlap):
+        raise ValueError("vocab_parallel_group supports support='teacher' without topk_overlap only (the student's "
+                         "own top-k would need a vocabulary-parallel top-k sweep of the student)")
+
+
+def _student_sweep(objective, name, impl, h, weight, bias, ids, t, ignore, temperature, logit_scale, softcap,
+                   scorer, topk_overlap, idx, blanked, lead, n, acc):
+    """The student's own top-k in one vocabulary sweep (the teacher top-K kernel run on the student's head,
+    without autograd): ``(ids, t)`` with the support extended by the student's top ``student_k`` ids (teacher
+    log-probs from ``scorer``), the sweep's ``(lse, entropy)`` for the loss (so that it does not sweep again),
+    and the ``topk_overlap`` stat (or None)."""
+    rows, k_teacher = h.shape[0], ids.shape[1]
+    student_k = objective.student_k or 0
+    k_sweep = max(student_k, k_teacher if topk_overlap else 0)
+    vocab = weight.shape[0]
+    if k_sweep > vocab:
+        raise ValueError(f"the student's top-{k_sweep} (student_k, or K for topk_overlap) exceeds the vocabulary "
+                         f"({vocab})")
+    max_k = getattr(impl, "MAX_TEACHER_K", None)
+    if max_k is not None and k_sweep > max_k:
+        raise ValueError(f"backend={name!r} takes the student's top-k with k ≤ {max_k}, got {k_sweep} "
+                         "(student_k, or K for topk_overlap)")
+    tspec = build_spec(TeacherSpec, name, impl.TEACHER_SUPPORTED, get_options(), k=k_sweep, temperature=temperature,
+                       logit_scale=logit_scale, softcap=softcap)
+    with torch.no_grad():
+        s_ids, s_lp, s_lse, _ = _ops.teacher_topk(name, h.detach(), weight.detach(),
+                                                  None if bias is None else bias.detach(), ignore, None, tspec)
+        valid = ids >= 0
+        overlap = None
+        if topk_overlap:
+            top = s_ids[:, :k_teacher]
+            hit = ((ids[:, :, None] == top[:, None, :]).any(-1) & valid).sum(-1).to(acc)
+            count = valid.sum(-1).to(acc)
+            overlap = torch.where(count > 0, hit / count.clamp_min(1.0), 0.0)
+        if student_k:
+            s_ids, s_lp = s_ids[:, :student_k], s_lp[:, :student_k]
+            ok = s_lp > float("-inf")                      # a k above the selectable vocabulary: surplus slots
+            if ignore is not None:
+                ok &= ~torch.isin(s_ids, ignore)
+            if blanked is not None:                        # rows that do not count (not dropped): no slots
+                ok &= blanked[:, None]
+            if objective.support == "teacher+student":     # an id the teacher's slots hold already counts once
+                ok &= ~(s_ids[:, :, None] == torch.where(valid, ids, -2)[:, None, :]).any(-1)
+            s_ids = torch.where(ok, s_ids, -1)
+            s_t = _score(scorer, s_ids, idx, lead, n, acc)
+            if _ops.value_checks():
+                V.check_teacher_values(torch.where(ok, s_ids, -1), s_t, vocab, lp_name="teacher_scorer(...) output")
+            ok &= s_t > float("-inf")
+            s_ids, s_t = torch.where(ok, s_ids, -1), torch.where(ok, s_t, 0.0)
+            if objective.support == "student":
+                ids, t = s_ids, s_t
+            else:
+                ids, t = torch.cat([ids, s_ids], 1), torch.cat([t, s_t], 1)
+    # the sweep's lse serves the loss (fp32; a float64 call sweeps in float64 itself)
+    sweep = None if acc == torch.float64 or rows == 0 else (s_lse.to(acc), None)
+    return ids.contiguous(), t.contiguous(), sweep, overlap
+
+
+def _score(scorer, s_ids, idx, lead, n, acc):
+    """``scorer`` at the student's ids of the computed rows: called once with ``[*, k]`` ids in the caller's
+    leading shape (−1 at rows not computed and at empty slots), its output checked and taken back to the rows."""
+    k = s_ids.shape[1]
+    full = s_ids if idx is None else torch.full((n, k), -1, dtype=s_ids.dtype, device=s_ids.device).index_copy(
+        0, idx, s_ids)
+    out = scorer(full.reshape(*lead, k))
+    if not isinstance(out, torch.Tensor):
+        raise TypeError(f"teacher_scorer must return a tensor, got {type(out).__name__}")
+    if tuple(out.shape) != (*lead, k) or not out.is_floating_point() or out.device != s_ids.device:
+        raise ValueError(f"teacher_scorer must return float log-probs of shape {list(lead) + [k]} on {s_ids.device}, "
+                         f"got {out.dtype} {list(out.shape)} on {out.device}")
+    out = out.detach().reshape(n, k).to(acc)
+    out = out if idx is None else out.index_select(0, idx)
+    return torch.where(s_ids >= 0, out, 0.0)
 
 
 def _vocab(weight, group):
@@ -303,10 +446,10 @@ def _vocab(weight, group):
     return distributed.UNKNOWN_VOCAB
 
 
-def _student_loss(name, h, weight, bias, ids, t, spec, group, start, weights):
+def _student_loss(name, h, weight, bias, ids, t, spec, group, start, weights, sweep=None):
     """``_ops.student_loss``, or with a group the vocabulary-parallel plan (``opd_kernels.distributed``)."""
     if group is None:
-        return _ops.student_loss(name, h, weight, bias, ids, t, spec)
+        return _ops.student_loss(name, h, weight, bias, ids, t, spec, sweep)
     from . import distributed
     return distributed.student_loss(name, h, weight, bias, ids, t, spec, group, start, weights)
 
@@ -498,6 +641,46 @@ def teacher_topk(hidden, weight, k, *, bias=None, temperature=1.0, logit_scale=1
                                                                     weight, bias, ignore, tok, spec, shard)
     return TeacherTopK(ids.reshape(*lead, k), logprobs.reshape(*lead, k), lse.reshape(lead),
                        None if token_lp is None else token_lp.reshape(lead))
+
+
+class TeacherScorer:
+    """The teacher's log-probs at any ids, from its hidden states and LM head: the ``teacher_scorer`` of an
+    objective whose support holds the student's own top ids (``Objective(support="student" | "teacher+student")``).
+
+    ``TeacherScorer(hidden [*, H], weight [V, H], bias=None, *, lse=None, temperature=1.0, logit_scale=1.0,
+    softcap=None, backend="auto")``; calling it with ids ``[*, k]`` returns ``[*, k]`` float32 log-probs
+    ``z[ids] − lse`` (−inf at ids outside ``[0, V)``): K gathered dot products per position, no vocabulary sweep
+    when ``lse`` (``[*]``, e.g. ``teacher_topk(...).lse`` of the same call) is given; without it the first call
+    runs one teacher sweep for it. No autograd. Temperature and logit transforms as in :func:`teacher_topk`.
+    """
+
+    def __init__(self, hidden, weight, bias=None, *, lse=None, temperature=1.0, logit_scale=1.0, softcap=None,
+                 backend="auto"):
+        self.temperature = V.check_temperature(temperature)
+        self.logit_scale, self.softcap = V.check_logit_scale(logit_scale), V.check_softcap(softcap)
+        hidden, weight, bias = _autocast_linear(hidden, weight, bias)
+        V.check_linear(hidden, weight, bias)
+        self.lead = hidden.shape[:-1]
+        if lse is not None:
+            V.check_float_tensor("lse", lse, self.lead, hidden.device)
+        self.hidden, self.weight, self.bias, self.lse = hidden, weight, bias, lse
+        self.backend = V.check_choice("backend", backend, V.BACKENDS)
+
+    def __call__(self, ids):
+        V.check_int_tensor("ids", ids, (*self.lead, ids.shape[-1] if ids.dim() else 0), self.hidden.device)
+        if ids.dim() != len(self.lead) + 1:
+            raise ValueError(f"ids must have shape [*, k] with * = {list(self.lead)}, got {list(ids.shape)}")
+        if self.lse is None:
+            self.lse = teacher_topk(self.hidden, self.weight, 1, bias=self.bias, temperature=self.temperature,
+                                    logit_scale=self.logit_scale, softcap=self.softcap, backend=self.backend).lse
+        n, k = self.hidden[..., 0].numel(), ids.shape[-1]
+        name, impl = _backend(self.backend, self.hidden.device, self.hidden.dtype)
+        spec = build_spec(TeacherSpec, name, impl.TEACHER_SUPPORTED, get_options(), k=max(k, 1),
+                          temperature=self.temperature, logit_scale=self.logit_scale, softcap=self.softcap)
+        with torch.no_grad():
+            out = _ops.gather_logprobs(name, self.hidden.reshape(n, self.hidden.shape[-1]), self.weight, self.bias,
+                                       ids.reshape(n, k).long(), self.lse.reshape(n), spec)
+        return out.reshape(*self.lead, k)
 
 
 # ---------------------------------------------------------------------------------------------- modules

@@ -263,7 +263,7 @@ def _forward(hidden, weight, bias, ids, t, spec, backend, shard: Shard):
     acc = _math.acc_dtype(hidden.dtype)
     loc_ids, own = localize(ids, shard)
     lse = entropy = z_loc = None
-    if _math.needs_lse(spec.variant, spec.need_stats):
+    if _math.needs_lse(spec):
         if n:
             parts = backend.lse_partials(hidden, weight, bias, loc_ids, spec)
             lse_r, ent_r = merge_partials(parts.m, parts.s, parts.e)
@@ -286,7 +286,7 @@ def _forward(hidden, weight, bias, ids, t, spec, backend, shard: Shard):
         raise ValueError("teacher_ids holds ids that no rank of vocab_parallel_group owns (≥ the global vocabulary "
                          "size, or in a gap between shards); map or drop them first (see normalize_teacher_slots)")
     z_sel = torch.where(valid, z, 0.0)
-    loss, g, student_mass, teacher_mass = _math.slot_terms(spec.variant, z_sel, lse, t, valid)
+    loss, g, student_mass, teacher_mass = _math.objective_terms(spec, z_sel, lse, t, valid)
     stats = (loss.detach().clone(), student_mass, teacher_mass, entropy) if spec.need_stats else None
     return loss, stats, g, lse, loc_ids, own
 
@@ -298,7 +298,7 @@ def _backward(grad_loss, hidden, weight, bias, loc_ids, own, g, lse, spec, backe
     need_b = bool(need_b and bias is not None)
     n = hidden.shape[0]
     g = g * grad_loss.to(g.dtype).unsqueeze(-1)                     # [N, K], upstream folded in (global)
-    dense = spec.variant not in _math.NO_DENSE and n > 0
+    dense = _math.has_dense(spec) and n > 0
     c = g.sum(-1) if dense else None                                # the global dense coefficient
     g_loc = torch.where(own, g, 0.0).contiguous()
     if n:

@@ -102,8 +102,9 @@ def test_ops_registered_with_fake_and_autograd():
     from opd_kernels import _ops
     student = torch.ops.opd_kernels.student_loss.default._schema
     names = [a.name for a in student.arguments]
-    assert names[:6] == ["hidden", "weight", "bias", "ids", "teacher_logprobs", "backend"]
-    assert names[6:] == [f for f in StudentLossSpec.__dataclass_fields__]
+    assert names[:8] == ["hidden", "weight", "bias", "ids", "teacher_logprobs", "sweep_lse", "sweep_entropy",
+                         "backend"]
+    assert names[8:] == [f for f in StudentLossSpec.__dataclass_fields__]
     assert all(str(r.type) == "Tensor" for r in student.returns)
     assert [a.name for a in torch.ops.opd_kernels.teacher_topk.default._schema.arguments][6:] == \
         list(TeacherSpec.__dataclass_fields__)
@@ -117,18 +118,27 @@ def test_ops_registered_with_fake_and_autograd():
     ids[0, 1] = -1
     t = torch.log_softmax(torch.randn(5, 3, generator=g), -1) - 0.5
     all_utils = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
-    for variant, need_stats in (("stopgrad", False), ("renorm", False), ("tail", True)):
-        spec = StudentLossSpec(variant=variant, need_stats=need_stats)
+    sweep_lse = (h.detach() @ w.detach().T + b.detach()).logsumexp(-1)
+    for variant, need_stats, sweep, extra in (("stopgrad", False, None, {}), ("renorm", False, None, {}),
+                                              ("tail", True, None, {}),
+                                              ("custom", False, sweep_lse, dict(divergence="jsd", beta=0.3,
+                                                                                 support_mass="tail")),
+                                              ("custom", False, None, dict(divergence="mixed", support_mass="renorm",
+                                                                            gradient="stopgrad"))):
+        spec = StudentLossSpec(variant=variant, need_stats=need_stats, **extra)
         # with stats, the eager backward fills in the forward's skipped_tile_fraction (0 on the torch
         # backend) while traced graphs leave it NaN (documented): AOT dispatch would report that difference
         utils = all_utils[:3] if need_stats else all_utils
         torch.library.opcheck(torch.ops.opd_kernels.student_loss.default,
-                              (h, w, b, ids, t, "torch", *_ops._spec_values(spec, _ops._STUDENT_FIELDS)),
+                              (h, w, b, ids, t, sweep, None, "torch", *_ops._spec_values(spec, _ops._STUDENT_FIELDS)),
                               test_utils=utils)
     spec = TeacherSpec(k=4)
     torch.library.opcheck(torch.ops.opd_kernels.teacher_topk.default,
                           (h.detach(), w.detach(), None, torch.tensor([0, 99, 0]), torch.arange(5), "torch",
                            *_ops._spec_values(spec, _ops._TEACHER_FIELDS)), test_utils=all_utils)
+    torch.library.opcheck(torch.ops.opd_kernels.gather_logprobs.default,
+                          (h.detach(), w.detach(), b.detach(), torch.tensor([[0, 31], [5, -1], [40, 2], [1, 1], [3, 4]]),
+                           sweep_lse, "torch", *_ops._spec_values(spec, _ops._TEACHER_FIELDS)), test_utils=all_utils)
 
 
 # ------------------------------------------------------------------------------------------ compile
