@@ -15,6 +15,10 @@ import opd_kernels as ok
 from tests.utils import make_problem, rel_err
 
 VARIANTS = ("unnormalized", "stopgrad", "renorm", "tail", "fkl")
+#: Composed objectives (opd_kernels.Objective) run through the vocabulary-parallel plan too: the slot math is
+#: shared (``_math.objective_terms``), the collectives are those of the presets.
+COMPOSED = {"jsd-tail-stopgrad": dict(divergence="jsd", support_mass="tail", gradient="stopgrad", beta=0.3),
+            "mixed-renorm": dict(divergence="mixed", support_mass="renorm", alpha=0.3)}
 N, H, V, K = 12, 16, 37, 5
 
 
@@ -87,7 +91,7 @@ def student_case(rank, world, backend, case):
     kw = dict(temperature=case.get("temperature", 0.7), reduction=case.get("reduction", "mean"),
               backend=backend, return_stats=case.get("stats", False))
     if kind != "sampled":
-        kw["variant"] = kind
+        kw["variant"] = ok.Objective(**COMPOSED[kind]) if kind in COMPOSED else kind
         if case.get("ignore", True):
             kw["ignore_ids"] = [int(p["ids"][0, 1]), 5]
     bias_on = case.get("bias", True)
@@ -155,7 +159,9 @@ def bf16_case(rank, world, backend):
 def student_cases(backend):
     """Every variant and the sampled-token loss, with masks, ignore_ids, stats, reductions and both layouts."""
     cases = []
-    for i, kind in enumerate(VARIANTS + ("sampled",)):
+    kinds = VARIANTS + ("sampled",) + tuple(COMPOSED)
+    for i, kind in enumerate(kinds):
+        i += 2 * (kind in COMPOSED)                  # seeds whose random slots are a valid teacher top-K
         cases.append(dict(kind=kind, seed=10 + i, mask="bool", stats=True, layout="even"))
         if backend == "torch":
             cases.append(dict(kind=kind, seed=20 + i, mask="float", reduction="none", stats=False,

@@ -55,7 +55,7 @@ def _skip_triton(backend):
 
 @pytest.mark.parametrize("backend,world", GROUPS, ids=[f"{b}-{w}ranks" for b, w in GROUPS])
 def test_student_losses_equal_single_device(backend, world):
-    """Every variant and sampled_token_rkl_loss: loss, stats, grad_hidden, grad_weight and grad_bias of each
+    """Every variant, two composed objectives and sampled_token_rkl_loss: loss, stats, grad_hidden, grad_weight and grad_bias of each
     rank's shard against the single-device call; uneven shards (sizes differing by one, and a reversed
     uneven layout given by vocab_start_index), bool and float masks with NaN hidden states at masked tokens,
     ignore_ids, empty slots, a token whose teacher ids are owned by every rank, reductions, both row paths."""
@@ -63,7 +63,7 @@ def test_student_losses_equal_single_device(backend, world):
     results = _parity(backend, world)
     names = [n for n in results[0] if n.startswith("student:")]
     assert len(names) == len(W.student_cases(backend))
-    assert {n.split(",")[0] for n in names} == {f"student:kind={k}" for k in W.VARIANTS + ("sampled",)}
+    assert {n.split(",")[0] for n in names} == {f"student:kind={k}" for k in W.VARIANTS + ("sampled",) + tuple(W.COMPOSED)}
     bad = []
     for rank, res in enumerate(results):
         for name in names:
