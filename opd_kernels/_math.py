@@ -156,11 +156,13 @@ def merge_partials(m: torch.Tensor, s: torch.Tensor, e: Optional[torch.Tensor] =
 
 # ------------------------------------------------------------------------------ composed objectives
 
-def _divergence_terms(divergence: str, a, b, beta: float, alpha: float):
-    """Per-slot value ``d`` and ``δ = ∂d/∂a`` from the slot log-masses ``a`` (student) and ``b`` (teacher)
+def _divergence_terms(divergence: str, a, b, beta: float, alpha: float, stopgrad: bool):
+    """Per-slot value ``d`` and ``δ`` from the slot log-masses ``a`` (student) and ``b`` (teacher)
     (docs/math.md §11): reverse ``P (a − b)``, forward ``Q (b − a)``, jsd(β) ``β Q (b − log M) + (1 − β) P
     (a − log M)`` with ``M = β Q + (1 − β) P`` (β = 0 / 1: forward / reverse), mixed(α) ``α·forward + (1 − α)·
-    reverse``."""
+    reverse``. ``δ = ∂d/∂a``, or with ``stopgrad`` the derivative with the log-masses inside the divergence held
+    constant (only ``P = exp(a)`` differentiates): reverse ``P (a − b)``, jsd ``(1 − β) P (a − log M)`` (= full),
+    mixed ``(1 − α) P (a − b)``; the forward KL has none (``Objective`` refuses that combination)."""
     p, q = a.exp(), b.exp()
     if divergence == "jsd":
         if beta == 0.0:
@@ -168,13 +170,14 @@ def _divergence_terms(divergence: str, a, b, beta: float, alpha: float):
         elif beta == 1.0:
             divergence = "reverse"
     if divergence == "reverse":
-        return p * (a - b), p * (a - b + 1.0)
+        d = p * (a - b)
+        return d, (d if stopgrad else d + p)
     if divergence == "forward":
-        return q * (b - a), -q
+        return q * (b - a), (torch.zeros_like(q) if stopgrad else -q)
     if divergence == "mixed":
-        d_f, g_f = q * (b - a), -q
-        d_r, g_r = p * (a - b), p * (a - b + 1.0)
-        return alpha * d_f + (1.0 - alpha) * d_r, alpha * g_f + (1.0 - alpha) * g_r
+        d_r = p * (a - b)
+        d = alpha * q * (b - a) + (1.0 - alpha) * d_r
+        return d, ((1.0 - alpha) * d_r if stopgrad else (1.0 - alpha) * (d_r + p) - alpha * q)
     if divergence == "jsd":
         log_m = torch.logaddexp(b + math.log(beta), a + math.log1p(-beta))
         d = beta * q * (b - log_m) + (1.0 - beta) * p * (a - log_m)
@@ -212,10 +215,9 @@ def composed_terms(divergence: str, support_mass: str, gradient: str, beta: floa
             raise ValueError(f"support_mass {support_mass!r} needs the student logsumexp")
         a = torch.where(valid, z_sel - lse.unsqueeze(-1), zero)
         b = t
-    d, delta = _divergence_terms(divergence, a, b, beta, alpha)
+    stopgrad = gradient == "stopgrad"
+    d, delta = _divergence_terms(divergence, a, b, beta, alpha, stopgrad)
     d, delta = torch.where(valid, d, zero), torch.where(valid, delta, zero)
-    if gradient == "stopgrad":
-        delta = d
     loss = d.sum(-1)
     if support_mass == "truncate":
         g = delta
@@ -225,9 +227,7 @@ def composed_terms(divergence: str, support_mass: str, gradient: str, beta: floa
         rest_p_raw = 1.0 - student_mass
         a_r = rest_p_raw.clamp_min(TAIL_EPS).log()
         b_r = (1.0 - teacher_mass).clamp_min(TAIL_EPS).log()
-        d_r, delta_r = _divergence_terms(divergence, a_r, b_r, beta, alpha)
-        if gradient == "stopgrad":
-            delta_r = d_r
+        d_r, delta_r = _divergence_terms(divergence, a_r, b_r, beta, alpha, stopgrad)
         loss = loss + d_r
         live = rest_p_raw > TAIL_EPS
         # ∂a_R/∂a_k = −p_k / p_R while the bucket is not clamped (a clamped bucket is a constant)

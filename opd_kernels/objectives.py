@@ -8,9 +8,11 @@ An :class:`Objective` has four axes (docs/math.md §11 gives every value and gra
 - ``support_mass``: ``"truncate"`` (the sum over the support S only, with full-vocabulary probabilities),
   ``"renorm"`` (both distributions renormalized over S), ``"tail"`` (S plus one rest bucket for the mass
   outside it);
-- ``gradient``: ``"full"`` (the gradient of the value as written) or ``"stopgrad"`` (the score-function form:
-  each slot's term is a fixed "reward" on the log-mass of its slot, only the student's probabilities carry
-  gradient; for the reverse KL truncated to S this removes the biased ``+1`` term, the seed paper's fix);
+- ``gradient``: ``"full"`` (the gradient of the value as written) or ``"stopgrad"`` (same value; the student's
+  log-probabilities inside the divergence are constants and only its probability weights carry gradient: for
+  the reverse KL truncated to S this removes the biased ``+1`` term, the seed paper's fix; the JSD's gradient
+  is unchanged by it; the forward part of ``"mixed"`` keeps its value and loses its gradient; the forward KL,
+  weighted by the teacher alone, would have no gradient left and is refused);
 - ``support``: ``"teacher"`` (the given teacher ids), ``"student"`` (the student's own top-``student_k``,
   taken in the loss's vocabulary sweep; the teacher's log-probs at those ids come from ``teacher_scorer``),
   ``"teacher+student"`` (the union).
@@ -71,6 +73,12 @@ class Objective:
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= float(value) <= 1.0:
                 raise ValueError(f"Objective.{field} must be a number in [0, 1], got {value!r}")
             object.__setattr__(self, field, float(value))
+        if self.gradient == "stopgrad" and (self.divergence == "forward" or (self.divergence == "jsd" and self.beta == 0)
+                                            or (self.divergence == "mixed" and self.alpha == 1)):
+            raise ValueError("gradient='stopgrad' holds the student's log-probabilities inside the divergence "
+                             "constant, so that only the student's probability weights carry gradient; the forward "
+                             "KL (divergence='forward', jsd with beta=0, mixed with alpha=1) is weighted by the "
+                             "teacher alone and would have no gradient left: use gradient='full'")
         k = self.student_k
         if self.support == "teacher":
             if k is not None:
