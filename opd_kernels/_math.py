@@ -139,6 +139,15 @@ def slot_terms(variant: str, z_sel: torch.Tensor, lse: torch.Tensor | None,
     return loss, g, student_mass, teacher_mass
 
 
+def support_rkl(z_sel: torch.Tensor, lse: torch.Tensor, teacher_logprobs: torch.Tensor, valid: torch.Tensor):
+    """``c = Σ_S p_k (log p_k − t_k)`` ``[N]``: the truncated reverse KL over the support, i.e. the dense coefficient
+    of the ``stopgrad`` gradient (``−c π_j`` at every id). While ``c > 0`` that term moves student mass out of S
+    (the leak diagnostic ``stopgrad_leak`` of the stats)."""
+    zero = torch.zeros((), dtype=z_sel.dtype, device=z_sel.device)
+    log_p = z_sel - lse.unsqueeze(-1)
+    return torch.where(valid, log_p.exp() * (log_p - teacher_logprobs), zero).sum(-1)
+
+
 def merge_partials(m: torch.Tensor, s: torch.Tensor, e: Optional[torch.Tensor] = None):
     """Combine per-split ``(m, s[, e])`` ``[S, N]`` into ``lse [N]`` (and the entropy ``[N]`` or None).
 

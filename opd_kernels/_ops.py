@@ -8,7 +8,7 @@ Three ops in the ``opd_kernels`` namespace; tensors in, tensors out, every non-t
 
 - ``opd_kernels::student_loss(hidden [N,H], weight [V,H], bias [V]?, ids [N,K] int64, teacher_logprobs [N,K],
   sweep_lse [N]?, sweep_entropy [N]?, backend, <StudentLossSpec fields>) -> (loss, kl, student_topk_mass, teacher_topk_mass, entropy,
-  skipped_tile_fraction, g, lse)`` (float32, float64 for float64 inputs): the forward plan of
+  support_rkl, skipped_tile_fraction, g, lse)`` (float32, float64 for float64 inputs): the forward plan of
   ``_student.forward_rows``. The stats are ``[N]`` (``[0]`` without ``need_stats``), ``skipped_tile_fraction``
   is 0-dim NaN (``[0]`` without stats); ``g [N,K]`` and ``lse [N]`` (``[0]`` when the variant needs none)
   are what the backward needs, returned so that the autograd formula can save them (callers ignore them).
@@ -137,7 +137,7 @@ def _empty(like, dtype=None):
     "opd_kernels::student_loss", mutates_args=(),
     schema=f"(Tensor hidden, Tensor weight, Tensor? bias, Tensor ids, Tensor teacher_logprobs, Tensor? sweep_lse, "
            f"Tensor? sweep_entropy, str backend, {_spec_schema(StudentLossSpec)}) "
-           f"-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
+           f"-> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)")
 def _student_loss_op(hidden, weight, bias, ids, teacher_logprobs, sweep_lse, sweep_entropy, backend, *spec_values):
     spec = StudentLossSpec(*spec_values)
     sweep = None if sweep_lse is None else (sweep_lse, sweep_entropy)
@@ -150,7 +150,7 @@ def _student_loss_op(hidden, weight, bias, ids, teacher_logprobs, sweep_lse, swe
     if spec.need_stats:               # skipped_tile_fraction: NaN until the backward fills it in (eagerly)
         stats = (*(s.contiguous() for s in stats), loss.new_full((), float("nan")))
     else:
-        stats = tuple(_empty(hidden) for _ in range(5))
+        stats = tuple(_empty(hidden) for _ in range(len(_student.STAT_NAMES)))
     return (loss.contiguous(), *stats, g.contiguous(), _empty(hidden) if lse is None else lse.contiguous())
 
 
@@ -159,17 +159,19 @@ def _(hidden, weight, bias, ids, teacher_logprobs, sweep_lse, sweep_entropy, bac
     spec = StudentLossSpec(*spec_values)
     n, k, acc = hidden.shape[0], ids.shape[1], acc_dtype(hidden.dtype)
     stat = (lambda: hidden.new_empty(n, dtype=acc)) if spec.need_stats else (lambda: _empty(hidden))
-    stats = (stat(), stat(), stat(), stat(), hidden.new_empty((), dtype=acc) if spec.need_stats else _empty(hidden))
+    stats = (*(stat() for _ in range(len(_student.STAT_NAMES) - 1)),
+             hidden.new_empty((), dtype=acc) if spec.need_stats else _empty(hidden))
     lse = hidden.new_empty(n, dtype=acc) if needs_lse(spec) or sweep_lse is not None else _empty(hidden)
     return (hidden.new_empty(n, dtype=acc), *stats, hidden.new_empty((n, k), dtype=acc), lse)
 
 
 def _setup_context(ctx, inputs, output):
     hidden, weight, bias, ids, _t, _sweep_lse, _sweep_entropy, backend, *spec_values = inputs
-    loss, kl, smass, tmass, entropy, skipped, g, lse = output
+    loss, *stats, g, lse = output
+    skipped = stats[-1]
     ctx.save_for_backward(hidden, weight, bias, ids, g, lse)
     ctx.op_args = (backend, *spec_values)
-    ctx.mark_non_differentiable(kl, smass, tmass, entropy, skipped, g, lse)
+    ctx.mark_non_differentiable(*stats, g, lse)
     need_stats = StudentLossSpec(*spec_values).need_stats
     # Eagerly the backward fills in the forward's skipped_tile_fraction; traced (fake) outputs stay as they are.
     from torch._subclasses.fake_tensor import is_fake

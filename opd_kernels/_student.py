@@ -81,7 +81,7 @@ def _autocast_off(fn):
 @_autocast_off
 def forward_rows(hidden, weight, bias, ids, teacher_logprobs, spec: StudentLossSpec, backend, sweep=None):
     """The forward plan on one backend module: ``(loss [N], stats, g [N, K], lse [N] | None)`` with ``stats =
-    (kl, student_topk_mass, teacher_topk_mass, entropy)`` (``[N]`` float32 each; None without
+    (kl, student_topk_mass, teacher_topk_mass, entropy, support_rkl)`` (``[N]`` float32 each; None without
     ``spec.need_stats``). ``g`` and ``lse`` are what :func:`backward_rows` needs.
 
     ``sweep``: ``(lse [N], entropy [N] | None)`` of these rows when the caller's vocabulary sweep produced them
@@ -106,7 +106,10 @@ def forward_rows(hidden, weight, bias, ids, teacher_logprobs, spec: StudentLossS
     if z_sel is None:
         z_sel = backend.gather_logits(hidden, weight, bias, ids, spec)
     loss, g, student_mass, teacher_mass = _math.objective_terms(spec, z_sel, lse, teacher_logprobs, valid)
-    stats = (loss.detach().clone(), student_mass, teacher_mass, entropy) if spec.need_stats else None
+    stats = None
+    if spec.need_stats:
+        leak = _math.support_rkl(z_sel, lse, teacher_logprobs, valid)
+        stats = (loss.detach().clone(), student_mass, teacher_mass, entropy, leak)
     return loss, stats, g, lse
 
 
@@ -128,7 +131,7 @@ class StudentLossFunction(torch.autograd.Function):
     """Per-token loss ``ℓ [N]`` (and detached stats) of one spec; differentiable w.r.t. hidden, weight, bias.
 
     ``apply(hidden, weight, bias, ids, teacher_logprobs, spec, backend)`` →
-    ``(loss, kl, student_topk_mass, teacher_topk_mass, entropy, skipped_tile_fraction)``, each ``[N]``
+    ``(loss, kl, student_topk_mass, teacher_topk_mass, entropy, support_rkl, skipped_tile_fraction)``, each ``[N]``
     float32 but the last, a 0-dim float32 the backward fills in (the fraction of vocabulary tiles whose
     gradient it skipped; NaN until backward runs); the stats are empty tensors when ``spec.need_stats`` is
     false.
@@ -148,7 +151,7 @@ class StudentLossFunction(torch.autograd.Function):
             stats = (*stats, skipped)
         else:
             skipped = None
-            stats = tuple(loss.new_empty(0) for _ in range(5))
+            stats = tuple(loss.new_empty(0) for _ in range(len(STAT_NAMES)))
         ctx.skipped = skipped
         ctx.mark_non_differentiable(*stats)
         return (loss, *stats)
@@ -163,7 +166,9 @@ class StudentLossFunction(torch.autograd.Function):
         return grad_h, grad_w, grad_b, None, None, None, None
 
 
-STAT_NAMES = ("kl", "student_topk_mass", "teacher_topk_mass", "entropy", "skipped_tile_fraction")
+#: The stats of a student loss call, in the order the Function and the op return them (``support_rkl``:
+#: ``_math.support_rkl``, which ``api.py`` turns into ``stopgrad_leak``).
+STAT_NAMES = ("kl", "student_topk_mass", "teacher_topk_mass", "entropy", "support_rkl", "skipped_tile_fraction")
 
 
 def student_loss(backend, hidden, weight, bias, ids, teacher_logprobs, spec: StudentLossSpec):

@@ -210,8 +210,11 @@ def topk_rkl_loss(hidden, weight, teacher_ids, teacher_logprobs, mask=None, *, v
         ignore_ids: vocabulary ids removed from the support wherever they appear (special tokens).
         reduction: ``"mean"`` (Σ mask·ℓ / Σ mask, 0 if Σ mask = 0), ``"sum"`` or ``"none"`` (``[*]``).
         backend: ``"auto"`` (Triton on CUDA, else torch), ``"torch"`` or ``"triton"``.
-        return_stats: also return detached ``[*]`` stats ``kl``, ``student_topk_mass``,
-            ``teacher_topk_mass``, ``entropy`` (0 at masked tokens), and the 0-dim
+        return_stats: also return detached ``[*]`` stats ``kl`` (the objective's per-token value),
+            ``student_topk_mass`` (Σ_S p), ``teacher_topk_mass`` (Σ_S exp t), ``entropy`` (the student's, full
+            vocabulary), the leak diagnostics ``stopgrad_leak`` (1.0 where c = Σ_S p (log p − t) > 0: there the
+            stop-gradient's dense term moves student mass out of S; its mean is the fraction of leaking tokens)
+            and ``outside_mass`` (1 − Σ_S p), all 0 at masked tokens, and the 0-dim
             ``skipped_tile_fraction``: the fraction of (token × vocabulary) tiles whose gradient the
             backward skipped (``filter_eps``); it is filled in when backward runs (NaN before, and
             under ``torch.compile``).
@@ -322,9 +325,22 @@ def topk_rkl_loss(hidden, weight, teacher_ids, teacher_logprobs, mask=None, *, v
     loss = _reduce(_scatter_rows(loss_rows, idx, n), weights, reduction, lead, normalizer)
     if not return_stats:
         return loss
+    stats_rows = _leak_stats(stats_rows)
     if overlap is not None:
-        stats_rows = {**stats_rows, "topk_overlap": overlap}
+        stats_rows["topk_overlap"] = overlap
     return loss, _finish_stats(stats_rows, idx, n, keep, lead)
+
+
+def _leak_stats(stats_rows):
+    """The op's stats with ``support_rkl`` (c = Σ_S p (log p − t)) turned into the leak diagnostics:
+    ``stopgrad_leak`` (1.0 where c > 0: there the stopgrad gradient's dense term ``−c π`` moves student mass out
+    of the support) and ``outside_mass`` (1 − Σ_S p, the student's mass outside the support)."""
+    stats = {k: v for k, v in stats_rows.items() if k not in ("support_rkl", "skipped_tile_fraction")}
+    c = stats_rows["support_rkl"]
+    stats["stopgrad_leak"] = (c > 0).to(c.dtype)
+    stats["outside_mass"] = 1.0 - stats_rows["student_topk_mass"]
+    stats["skipped_tile_fraction"] = stats_rows["skipped_tile_fraction"]
+    return stats
 
 
 def _objective_fields(objective):

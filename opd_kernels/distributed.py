@@ -287,7 +287,9 @@ def _forward(hidden, weight, bias, ids, t, spec, backend, shard: Shard):
                          "size, or in a gap between shards); map or drop them first (see normalize_teacher_slots)")
     z_sel = torch.where(valid, z, 0.0)
     loss, g, student_mass, teacher_mass = _math.objective_terms(spec, z_sel, lse, t, valid)
-    stats = (loss.detach().clone(), student_mass, teacher_mass, entropy) if spec.need_stats else None
+    stats = None
+    if spec.need_stats:
+        stats = (loss.detach().clone(), student_mass, teacher_mass, entropy, _math.support_rkl(z_sel, lse, t, valid))
     return loss, stats, g, lse, loc_ids, own
 
 
@@ -331,7 +333,7 @@ class VocabParallelLoss(torch.autograd.Function):
             outs = (*stats, skipped)
         else:
             skipped = None
-            outs = tuple(loss.new_empty(0) for _ in range(5))
+            outs = tuple(loss.new_empty(0) for _ in range(len(STAT_NAMES)))
         ctx.skipped = skipped
         ctx.mark_non_differentiable(*outs)
         return (loss, *outs)

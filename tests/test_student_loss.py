@@ -175,8 +175,14 @@ def test_stats(backend, device, variant):
         _, stats = _run(ok.topk_rkl_loss, ours, backend=backend, variant=variant, mask=mask.to(device),
                         temperature=1.5, return_stats=True)
     _, exp = _run(R.topk_rkl_loss, ref, variant=variant, mask=mask, temperature=1.5, return_stats=True)
-    assert set(stats) == {"kl", "student_topk_mass", "teacher_topk_mass", "entropy", "skipped_tile_fraction"}
+    assert set(stats) == {"kl", "student_topk_mass", "teacher_topk_mass", "entropy", "stopgrad_leak", "outside_mass",
+                          "skipped_tile_fraction"}
     assert stats["skipped_tile_fraction"].shape == () and torch.isnan(stats["skipped_tile_fraction"])  # no backward
+    # the leak diagnostics: c = Σ_S p (log p − t) is the unnormalized truncated RKL of each token
+    c = _run(R.topk_rkl_loss, ref, variant="unnormalized", temperature=1.5, reduction="none").detach()
+    exp["stopgrad_leak"] = torch.where(mask, (c > 0).double(), 0.0)
+    exp["outside_mass"] = torch.where(mask, 1.0 - exp["student_topk_mass"], 0.0)
+    assert 0 < exp["stopgrad_leak"].sum() < mask.sum()                   # both signs occur here
     for key in exp:
         assert stats[key].shape == (3, 11) and not stats[key].requires_grad
         assert_close(key, stats[key], exp[key], 1e-5)
@@ -227,11 +233,11 @@ def test_stats_are_function_outputs_not_side_effects(backend, device):
     for need in (True, False):
         spec = _spec.StudentLossSpec(variant="stopgrad", temperature=0.9, need_stats=need)
         out = _student.StudentLossFunction.apply(p["hidden"], p["weight"], p["bias"], ids, t, spec, impl)
-        assert len(out) == 6 and out[0].requires_grad and out[0].shape == (9,)
-        for stat in out[1:5]:
+        assert len(out) == 7 and out[0].requires_grad and out[0].shape == (9,)
+        for stat in out[1:6]:
             assert not stat.requires_grad
             assert stat.shape == ((9,) if need else (0,))
-        assert not out[5].requires_grad and out[5].shape == (() if need else (0,))
+        assert not out[6].requires_grad and out[6].shape == (() if need else (0,))
     loss, stats = _student.student_loss(impl, p["hidden"], p["weight"], p["bias"], ids, t,
                                         _spec.StudentLossSpec(variant="tail", need_stats=True))
     assert set(stats) == set(_student.STAT_NAMES)

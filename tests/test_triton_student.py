@@ -104,7 +104,8 @@ def test_backend_parity_fp32(variant, deterministic):
     for key in ("hidden", "weight", "bias"):
         assert g[key].dtype == torch.float32
         assert_close(f"grad_{key}", g[key], exp_g[key], 1e-5)
-    assert set(stats) == {"kl", "student_topk_mass", "teacher_topk_mass", "entropy", "skipped_tile_fraction"}
+    assert set(stats) == {"kl", "student_topk_mass", "teacher_topk_mass", "entropy", "support_rkl",
+                          "skipped_tile_fraction"}
     assert 0.0 <= float(stats["skipped_tile_fraction"]) <= 1.0          # filled in by the backward
     assert_close("stat_kl", stats["kl"], exp_stats["kl"], 1e-5)
     # the sampled reference zeroes stats at masked positions; the backend reports every row it gets
@@ -114,6 +115,8 @@ def test_backend_parity_fp32(variant, deterministic):
     if variant != "sampled":
         for key in ("student_topk_mass", "teacher_topk_mass"):
             assert_close(f"stat_{key}", stats[key], exp_stats[key], 1e-5)
+    if variant in ("stopgrad", "unnormalized"):          # c = Σ_S p (log p − t) is their value
+        assert_close("stat_support_rkl", stats["support_rkl"], exp_stats["kl"], 1e-5)
 
 
 @pytest.mark.parametrize("variant", ["stopgrad", "renorm"])
