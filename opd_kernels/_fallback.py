@@ -173,5 +173,6 @@ class GuardedTriton:
         return self._run(family, hidden, "input_grads", (hidden, weight, bias, ids, lse, g), spec,
                          dict(need_h=need_h, need_w=need_w, need_b=need_b, skipped=skipped, c=c))
 
-    def teacher_topk(self, hidden, weight, bias, ignore_ids, token_ids, spec):
-        return self._run("teacher_topk", hidden, "teacher_topk", (hidden, weight, bias, ignore_ids, token_ids), spec)
+    def teacher_topk(self, hidden, weight, bias, ignore_ids, token_ids, spec, need_entropy=False):
+        return self._run("teacher_topk", hidden, "teacher_topk", (hidden, weight, bias, ignore_ids, token_ids), spec,
+                         dict(need_entropy=need_entropy))

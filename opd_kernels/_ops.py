@@ -16,9 +16,12 @@ Three ops in the ``opd_kernels`` namespace; tensors in, tensors out, every non-t
   need_w, need_b, <spec fields>) -> (grad_hidden, grad_weight, grad_bias, skipped_tile_fraction)``: the
   backward plan of ``_student.backward_rows``, itself an op so that compiled backward graphs hold no
   backend code either; gradients not asked for come back as ``[0]`` tensors.
-- ``opd_kernels::teacher_topk(hidden, weight, bias?, ignore_ids?, token_ids?, backend, <TeacherSpec
-  fields>) -> (ids, logprobs, lse, token_logprobs)`` (``token_logprobs`` is ``[0]`` without ``token_ids``);
-  no autograd (``teacher_topk`` runs under ``no_grad``).
+- ``opd_kernels::teacher_topk(hidden, weight, bias?, ignore_ids?, token_ids?, backend, need_entropy, <TeacherSpec
+  fields>) -> (ids, logprobs, lse, token_logprobs, entropy)`` (``token_logprobs`` ``[N]`` or ``[N, j]`` like
+  ``token_ids``, ``[0]`` without them; ``entropy [N]``, ``[0]`` without ``need_entropy``; the local support
+  ``top_p`` / ``min_logprob`` of the spec applied to the top-k); no autograd (runs under ``no_grad``).
+- ``opd_kernels::gather_logprobs(hidden, weight, bias?, ids [N,k], lse [N], backend, <TeacherSpec fields>) ->
+  logprobs [N,k]``: K gathered dot products per row (``TeacherScorer``).
 
 ``backend`` is the resolved backend name (``"torch"``, ``"triton"``, or ``"auto:triton"`` for Triton with the
 torch fallback of ``_fallback``; ``api.py`` resolves ``"auto"`` from the device before the call). The spec
@@ -68,6 +71,7 @@ import torch
 from . import _student
 from ._config import get_options
 from ._math import acc_dtype, needs_lse
+from ._topk import local_support
 from ._spec import StudentLossSpec, TeacherSpec
 
 _F32 = torch.float32
@@ -236,23 +240,27 @@ _student_loss_backward_op.register_autograd(_no_double_backward, setup_context=l
 @torch.library.custom_op(
     "opd_kernels::teacher_topk", mutates_args=(),
     schema=f"(Tensor hidden, Tensor weight, Tensor? bias, Tensor? ignore_ids, Tensor? token_ids, str backend, "
-           f"{_spec_schema(TeacherSpec)}) -> (Tensor, Tensor, Tensor, Tensor)")
-def _teacher_topk_op(hidden, weight, bias, ignore_ids, token_ids, backend, *spec_values):
+           f"bool need_entropy, {_spec_schema(TeacherSpec)}) -> (Tensor, Tensor, Tensor, Tensor, Tensor)")
+def _teacher_topk_op(hidden, weight, bias, ignore_ids, token_ids, backend, need_entropy, *spec_values):
     spec = TeacherSpec(*spec_values)
     # ignore_ids come unfiltered: both backends skip ids outside [0, V) and duplicates without a device sync
-    ids, logprobs, lse, token_lp = _backend_module(backend).teacher_topk(hidden, weight, bias, ignore_ids,
-                                                                         token_ids, spec)
+    out = _backend_module(backend).teacher_topk(hidden, weight, bias, ignore_ids, token_ids, spec,
+                                                need_entropy=need_entropy)
+    ids, logprobs, lse, token_lp = out[:4]
+    ids, logprobs = local_support(ids, logprobs, spec.top_p, spec.min_logprob)     # the epilogue
     return (ids.contiguous(), logprobs.contiguous(), lse.contiguous(),
-            _empty(hidden, _F32) if token_lp is None else token_lp.contiguous())
+            _empty(hidden, _F32) if token_lp is None else token_lp.contiguous(),
+            out[4].contiguous() if need_entropy else _empty(hidden, _F32))
 
 
 @_teacher_topk_op.register_fake
-def _(hidden, weight, bias, ignore_ids, token_ids, backend, *spec_values):
+def _(hidden, weight, bias, ignore_ids, token_ids, backend, need_entropy, *spec_values):
     spec = TeacherSpec(*spec_values)
     n = hidden.shape[0]
     return (hidden.new_empty((n, spec.k), dtype=torch.int64), hidden.new_empty((n, spec.k), dtype=_F32),
             hidden.new_empty(n, dtype=_F32),
-            _empty(hidden, _F32) if token_ids is None else hidden.new_empty(n, dtype=_F32))
+            _empty(hidden, _F32) if token_ids is None else hidden.new_empty(token_ids.shape, dtype=_F32),
+            hidden.new_empty(n, dtype=_F32) if need_entropy else _empty(hidden, _F32))
 
 
 # --------------------------------------------------------------------------------------- entry points
@@ -268,11 +276,13 @@ def student_loss(backend: str, hidden, weight, bias, ids, teacher_logprobs, spec
     return loss, (dict(zip(_student.STAT_NAMES, stats)) if spec.need_stats else None)
 
 
-def teacher_topk(backend: str, hidden, weight, bias, ignore_ids, token_ids, spec: TeacherSpec):
-    """``(ids, logprobs, lse, token_logprobs or None)`` through ``opd_kernels::teacher_topk``."""
-    ids, logprobs, lse, token_lp = torch.ops.opd_kernels.teacher_topk(
-        hidden, weight, bias, ignore_ids, token_ids, backend, *_spec_values(spec, _TEACHER_FIELDS))
-    return ids, logprobs, lse, (None if token_ids is None else token_lp)
+def teacher_topk(backend: str, hidden, weight, bias, ignore_ids, token_ids, spec: TeacherSpec,
+                 need_entropy: bool = False):
+    """``(ids, logprobs, lse, token_logprobs or None[, entropy [N]])`` through ``opd_kernels::teacher_topk``."""
+    ids, logprobs, lse, token_lp, entropy = torch.ops.opd_kernels.teacher_topk(
+        hidden, weight, bias, ignore_ids, token_ids, backend, need_entropy, *_spec_values(spec, _TEACHER_FIELDS))
+    out = (ids, logprobs, lse, None if token_ids is None else token_lp)
+    return (*out, entropy) if need_entropy else out
 
 
 # ------------------------------------------------------------------------------------- teacher at given ids

@@ -89,7 +89,8 @@ def _cap(spec) -> float | None:
 @dataclass(frozen=True)
 class TeacherSpec:
     """Everything but the tensors that ``teacher_topk`` needs (tuning fields as in :class:`StudentLossSpec`;
-    ``logit_scale`` / ``softcap`` as there: the teacher's logits are transformed the same way)."""
+    ``logit_scale`` / ``softcap`` as there: the teacher's logits are transformed the same way; ``top_p`` /
+    ``min_logprob``: the local support of ``_topk.local_support``, applied to every backend's top-k)."""
 
     k: int
     temperature: float = 1.0
@@ -97,6 +98,8 @@ class TeacherSpec:
     softcap: float | None = None
     chunk_size: int | None = None
     memory_budget_bytes: int = 256 * 2**20
+    top_p: float = 1.0
+    min_logprob: float | None = None
 
     inv_tau = property(_inv_tau, doc="``logit_scale / temperature`` (as :attr:`StudentLossSpec.inv_tau`).")
     cap = property(_cap, doc="``softcap / temperature`` or None (as :attr:`StudentLossSpec.cap`).")
@@ -104,9 +107,11 @@ class TeacherSpec:
 
 #: Fields every backend must support (they define the call).
 REQUIRED_FIELDS = frozenset({"variant", "need_stats", "k"})
-#: Fields of a composed objective (``variant="custom"``): the math of ``_math.objective_terms``, shared by every
-#: backend (a backend only provides lse, logits at ids and the sparse + dense gradient).
-OBJECTIVE_FIELDS = frozenset({"divergence", "support_mass", "gradient", "beta", "alpha"})
+#: Fields every backend has through shared O(N·K) code: a composed objective (``variant="custom"``: the math of
+#: ``_math.objective_terms``; a backend only provides lse, logits at ids and the sparse + dense gradient) and the
+#: teacher's local support (``_topk.local_support`` on any backend's top-k).
+OBJECTIVE_FIELDS = frozenset({"divergence", "support_mass", "gradient", "beta", "alpha",
+                              "top_p", "min_logprob"})
 
 
 def build_spec(cls, backend_name: str, supported, options, **fields):

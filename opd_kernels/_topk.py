@@ -51,3 +51,20 @@ def topk_lower_id(z: torch.Tensor, k: int):
         fixed = torch.where(pos < n_above, idx, ties.gather(1, (pos - n_above).clamp_min(0)))
         idx = torch.where(tied, fixed, idx)
     return order_desc_lower_id(vals, idx)
+
+
+def local_support(ids: torch.Tensor, logprobs: torch.Tensor, top_p: float = 1.0, min_logprob: float | None = None):
+    """``(ids, logprobs)`` ``[N, k]`` (sorted by descending log-prob) with the slots outside a *local* teacher
+    support emptied (id −1, log-prob −inf): beyond the top-``top_p`` nucleus (slot i is kept while the mass of
+    the slots before it is below ``top_p``) or below the floor ``min_logprob``. The first slot is always kept,
+    so every position keeps a support. O(N·k) on the top-k (the epilogue of ``teacher_topk``); no sync."""
+    if top_p >= 1.0 and min_logprob is None:
+        return ids, logprobs
+    keep = torch.ones_like(ids, dtype=torch.bool)
+    if top_p < 1.0:
+        before = logprobs.exp().cumsum(-1) - logprobs.exp()                  # mass of the slots before each
+        keep &= before < top_p
+    if min_logprob is not None:
+        keep &= logprobs >= min_logprob
+    keep[..., :1] = True
+    return torch.where(keep, ids, -1), torch.where(keep, logprobs, float("-inf"))

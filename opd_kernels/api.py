@@ -8,6 +8,7 @@ reduction and reshape here.
 from __future__ import annotations
 
 import functools
+import math
 import os
 from typing import NamedTuple, Optional
 
@@ -24,7 +25,7 @@ class TeacherTopK(NamedTuple):
     ids: torch.Tensor                        #: [*, k] int64, sorted by descending log-prob
     logprobs: torch.Tensor                   #: [*, k] float32, normalized over the full vocabulary
     lse: torch.Tensor                        #: [*] float32 logsumexp of z / temperature
-    token_logprobs: Optional[torch.Tensor]   #: [*] float32 log-probs of ``token_ids``, or None
+    token_logprobs: Optional[torch.Tensor]   #: [*] (or [*, j]) float32 log-probs of ``token_ids``, or None
 
 
 # ---------------------------------------------------------------------------------------------- dispatch
@@ -320,7 +321,7 @@ def topk_rkl_loss(hidden, weight, teacher_ids, teacher_logprobs, mask=None, *, v
     if own_support or topk_overlap:
         ids, t, sweep, overlap = _student_sweep(objective, name, impl, h, weight, bias, ids, t, ignore, temperature,
                                                 logit_scale, softcap, teacher_scorer, topk_overlap, idx, blanked,
-                                                lead, n, acc)
+                                                lead, n, acc, bool(return_stats))
     loss_rows, stats_rows = _student_loss(name, h, weight, bias, ids, t, spec, group, start, weights, sweep)
     loss = _reduce(_scatter_rows(loss_rows, idx, n), weights, reduction, lead, normalizer)
     if not return_stats:
@@ -384,7 +385,7 @@ def _check_composed(objective, teacher_ids, teacher_logprobs, teacher_scorer, to
 
 
 def _student_sweep(objective, name, impl, h, weight, bias, ids, t, ignore, temperature, logit_scale, softcap,
-                   scorer, topk_overlap, idx, blanked, lead, n, acc):
+                   scorer, topk_overlap, idx, blanked, lead, n, acc, spec_needs_stats):
     """The student's own top-k in one vocabulary sweep (the teacher top-K kernel run on the student's head,
     without autograd): ``(ids, t)`` with the support extended by the student's top ``student_k`` ids (teacher
     log-probs from ``scorer``), the sweep's ``(lse, entropy)`` for the loss (so that it does not sweep again),
@@ -402,9 +403,11 @@ def _student_sweep(objective, name, impl, h, weight, bias, ids, t, ignore, tempe
                          "(student_k, or K for topk_overlap)")
     tspec = build_spec(TeacherSpec, name, impl.TEACHER_SUPPORTED, get_options(), k=k_sweep, temperature=temperature,
                        logit_scale=logit_scale, softcap=softcap)
+    need_entropy = spec_needs_stats
     with torch.no_grad():
-        s_ids, s_lp, s_lse, _ = _ops.teacher_topk(name, h.detach(), weight.detach(),
-                                                  None if bias is None else bias.detach(), ignore, None, tspec)
+        s_ids, s_lp, s_lse, _, *s_entropy = _ops.teacher_topk(name, h.detach(), weight.detach(),
+                                                              None if bias is None else bias.detach(), ignore, None,
+                                                              tspec, need_entropy=need_entropy)
         valid = ids >= 0
         overlap = None
         if topk_overlap:
@@ -431,8 +434,8 @@ def _student_sweep(objective, name, impl, h, weight, bias, ids, t, ignore, tempe
                 ids, t = s_ids, s_t
             else:
                 ids, t = torch.cat([ids, s_ids], 1), torch.cat([t, s_t], 1)
-    # the sweep's lse serves the loss (fp32; a float64 call sweeps in float64 itself)
-    sweep = None if acc == torch.float64 or rows == 0 else (s_lse.to(acc), None)
+    # the sweep's lse (and entropy, for stats) serves the loss (fp32; a float64 call sweeps in float64 itself)
+    sweep = None if acc == torch.float64 or rows == 0 else (s_lse.to(acc), s_entropy[0].to(acc) if s_entropy else None)
     return ids.contiguous(), t.contiguous(), sweep, overlap
 
 
@@ -556,7 +559,8 @@ def sampled_token_rkl_loss(hidden, weight, token_ids, teacher_token_logprobs, ma
 
 @_eager_when_distributed
 def teacher_topk(hidden, weight, k, *, bias=None, temperature=1.0, logit_scale=1.0, softcap=None, ignore_ids=None,
-                 token_ids=None, backend="auto", vocab_parallel_group=None, vocab_start_index=None) -> TeacherTopK:
+                 token_ids=None, backend="auto", vocab_parallel_group=None, vocab_start_index=None, top_p=None,
+                 min_logprob=None) -> TeacherTopK:
     """Teacher top-k ids and log-probs from hidden states × LM head, without ``[N, V]`` logits.
 
     Args:
@@ -571,7 +575,9 @@ def teacher_topk(hidden, weight, k, *, bias=None, temperature=1.0, logit_scale=1
             with the ``token_ids`` check) only under ``check_values`` — with checks off nothing syncs and ``k``
             is checked against V only (a ``k`` above the selectable vocabulary then fills the surplus slots
             with unspecified ids and log-probs).
-        token_ids: optional ``[*]`` int ids whose log-probs are also returned (sampled-token objective).
+        token_ids: optional ``[*]`` int ids whose log-probs are also returned (sampled-token objective), or
+            ``[*, j]`` ids per position (e.g. the student's own top-j, for a student-side support) →
+            ``token_logprobs [*, j]`` (one sweep for ``lse`` plus j gathered dot products per position).
         vocab_parallel_group: a process group (or 1-D ``DeviceMesh``) over which the teacher's LM head is
             sharded along the vocabulary: ``weight`` / ``bias`` are this rank's contiguous shard, ``hidden``
             and ``token_ids`` are the same on every rank, ``ignore_ids`` / ``token_ids`` / the returned ids are
@@ -582,6 +588,12 @@ def teacher_topk(hidden, weight, k, *, bias=None, temperature=1.0, logit_scale=1
             Eager only (a graph break under ``torch.compile``). A ``Shard(0)`` DTensor ``weight`` does the same
             over its mesh.
         vocab_start_index: this rank's first global id (default: from the shard sizes of the group).
+        top_p: a *local* teacher support: of the k slots (sorted by descending log-prob) keep the top-p nucleus,
+            the slots while the mass of the slots before them is below ``top_p`` (0 < top_p ≤ 1); the others
+            become empty slots (id −1, log-prob −inf, the convention every loss reads). None: all k.
+        min_logprob: another local support: empty the slots whose log-prob is below this floor (e.g. −4).
+            With either, the first slot is always kept (every position keeps a support). ``lse`` and
+            ``token_logprobs`` are unaffected.
 
     Returns:
         :class:`TeacherTopK` ``(ids [*, k] int64, logprobs [*, k] float32, lse [*] float32,
@@ -591,6 +603,7 @@ def teacher_topk(hidden, weight, k, *, bias=None, temperature=1.0, logit_scale=1
     """
     temperature = V.check_temperature(temperature)
     logit_scale, softcap = V.check_logit_scale(logit_scale), V.check_softcap(softcap)
+    top_p, min_logprob = _check_local_support(top_p, min_logprob)
     hidden, weight, bias, group, start = _parallel_args(hidden, weight, bias, vocab_parallel_group, vocab_start_index)
     hidden, weight, bias = _autocast_linear(hidden, weight, bias)
     V.check_linear(hidden, weight, bias)
@@ -620,10 +633,14 @@ def teacher_topk(hidden, weight, k, *, bias=None, temperature=1.0, logit_scale=1
     n_ignored = 0                                          # 0 when unknown (a tensor with checks off)
     if ignore is not None and host_ids is not None:
         n_ignored = len({int(i) for i in host_ids if 0 <= i < vocab})
-    tok = None
+    tok, tok_shape = None, None
     if token_ids is not None:
-        V.check_int_tensor("token_ids", token_ids, lead, device)
-        tok = token_ids.reshape(n).long()
+        # [*] (one token per position) or [*, j] (j ids per position, e.g. the student's own top-j)
+        tok_shape = tuple(lead) if token_ids.dim() == len(lead) else (*lead, token_ids.shape[-1])
+        V.check_int_tensor("token_ids", token_ids, tok_shape, device)
+        tok = token_ids.reshape(n, *tok_shape[len(lead):]).long()
+        if shard is not None and tok.dim() == 2:
+            raise ValueError("token_ids [*, j] is not supported with vocab_parallel_group (one token per position)")
     bad_tokens = False
     if checks:
         flags = []
@@ -645,7 +662,7 @@ def teacher_topk(hidden, weight, k, *, bias=None, temperature=1.0, logit_scale=1
     if max_k is not None and k > max_k:
         raise ValueError(f"backend={name!r} supports k ≤ {max_k}, got k = {k}")
     spec = build_spec(TeacherSpec, name, impl.TEACHER_SUPPORTED, get_options(), k=k, temperature=temperature,
-                      logit_scale=logit_scale, softcap=softcap)
+                      logit_scale=logit_scale, softcap=softcap, top_p=top_p, min_logprob=min_logprob)
     if bad_tokens:
         raise ValueError(f"token_ids must be in [0, {vocab}) (the teacher vocabulary)")
     with torch.no_grad():
@@ -656,7 +673,21 @@ def teacher_topk(hidden, weight, k, *, bias=None, temperature=1.0, logit_scale=1
             ids, logprobs, lse, token_lp = distributed.teacher_topk(name, hidden.reshape(n, hidden.shape[-1]),
                                                                     weight, bias, ignore, tok, spec, shard)
     return TeacherTopK(ids.reshape(*lead, k), logprobs.reshape(*lead, k), lse.reshape(lead),
-                       None if token_lp is None else token_lp.reshape(lead))
+                       None if token_lp is None else token_lp.reshape(tok_shape))
+
+
+def _check_local_support(top_p, min_logprob):
+    """``(top_p, min_logprob)`` of ``teacher_topk`` as spec values (``top_p`` None → 1.0), with errors naming them."""
+    if top_p is None:
+        top_p = 1.0
+    elif isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0.0 < float(top_p) <= 1.0:
+        raise ValueError(f"top_p must be a number in (0, 1] or None, got {top_p!r}")
+    if min_logprob is not None:
+        if isinstance(min_logprob, bool) or not isinstance(min_logprob, (int, float)) or math.isnan(min_logprob) \
+                or min_logprob > 0:
+            raise ValueError(f"min_logprob must be a log-probability ≤ 0 (e.g. -4.0) or None, got {min_logprob!r}")
+        min_logprob = float(min_logprob)
+    return float(top_p), min_logprob
 
 
 class TeacherScorer:

@@ -92,7 +92,7 @@ import torch.distributed as dist
 from . import _math, _ops
 from ._math import merge_partials
 from ._student import STAT_NAMES, no_autocast
-from ._topk import order_desc_lower_id
+from ._topk import local_support, order_desc_lower_id
 
 #: Global id of an empty teacher candidate (sorts after every real id; exact in float64).
 _EMPTY_ID = float(2 ** 62)
@@ -412,6 +412,7 @@ def teacher_topk(backend_name: str, hidden, weight, bias, ignore_ids, token_ids,
         token_lp = None
         if token_ids is not None:
             token_lp = (every[:, :, 2 * k + 1].max(0).values - lse).float()
+    ids, logprobs = local_support(ids, logprobs, spec.top_p, spec.min_logprob)
     return ids, logprobs, lse.float(), token_lp
 
 

@@ -27,16 +27,18 @@ class TeacherTargets(dict):
 
 def teacher_targets(hidden, weight, k, *, bias=None, temperature=1.0, logit_scale=1.0, softcap=None,
                     ignore_ids=None, token_ids=None, backend="auto", vocab_parallel_group=None,
-                    vocab_start_index=None) -> TeacherTargets:
+                    vocab_start_index=None, top_p=None, min_logprob=None) -> TeacherTargets:
     """Run the teacher's LM head under ``no_grad`` and return the student loss's teacher inputs.
 
     Args are those of :func:`opd_kernels.teacher_topk` (``temperature``, ``logit_scale`` and ``softcap`` are the
-    teacher's; ``ignore_ids`` are never selected). Returns a :class:`TeacherTargets` dict with keys ``teacher_ids`` and ``teacher_logprobs``.
+    teacher's; ``ignore_ids`` are never selected; ``top_p`` / ``min_logprob`` empty the slots outside a local
+    teacher support). Returns a :class:`TeacherTargets` dict with keys ``teacher_ids`` and ``teacher_logprobs``.
     """
     with torch.no_grad():
         out = api.teacher_topk(hidden, weight, k, bias=bias, temperature=temperature, logit_scale=logit_scale,
                                softcap=softcap, ignore_ids=ignore_ids, token_ids=token_ids, backend=backend,
-                               vocab_parallel_group=vocab_parallel_group, vocab_start_index=vocab_start_index)
+                               vocab_parallel_group=vocab_parallel_group, vocab_start_index=vocab_start_index,
+                               top_p=top_p, min_logprob=min_logprob)
     tgt = TeacherTargets(teacher_ids=out.ids, teacher_logprobs=out.logprobs)
     tgt.lse = out.lse
     tgt.token_logprobs = out.token_logprobs

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import torch
 
-from ._math import acc_dtype
+from ._math import acc_dtype, merge_partials
 from ._topk import topk_lower_id
 from ._spec import GradBuffers, Partials
 
@@ -215,16 +215,25 @@ def banned_vocab(ignore_ids, vocab_size):
     return banned[:vocab_size]
 
 
-def teacher_topk(hidden, weight, bias, ignore_ids, token_ids, spec):
+def teacher_topk(hidden, weight, bias, ignore_ids, token_ids, spec, need_entropy: bool = False):
     """Chunked teacher top-k: per chunk of rows, logits → lse and top-k (ignored ids never selected; ids of
-    ``ignore_ids`` outside ``[0, V)`` are skipped; exact ties → the lower id, ``opd_kernels._topk``)."""
+    ``ignore_ids`` outside ``[0, V)`` are skipped; exact ties → the lower id, ``opd_kernels._topk``).
+
+    ``(ids [N, k] int64, logprobs [N, k] fp32, lse [N] fp32, token_logprobs or None)``; ``token_ids`` ``[N]`` or
+    ``[N, j]`` int64 give ``token_logprobs`` of the same shape (−inf at an id outside ``[0, V)``). With
+    ``need_entropy`` a fifth output, ``entropy [N] fp32 = lse − Σ_j π_j z_j`` over the whole vocabulary
+    (ignored ids included, as in ``lse``): the one-split ``(m, s, e)`` of each chunk through
+    ``_math.merge_partials``, as the Triton backend merges its segments'."""
     n, vocab = hidden.shape[0], weight.shape[0]
     k = spec.k
     dev = hidden.device
     ids = torch.empty(n, k, dtype=torch.long, device=dev)
     logprobs = torch.empty(n, k, dtype=torch.float32, device=dev)
     lse = torch.empty(n, dtype=torch.float32, device=dev)
-    token_logprobs = None if token_ids is None else torch.empty(n, dtype=torch.float32, device=dev)
+    token_logprobs = None if token_ids is None else torch.empty(token_ids.shape, dtype=torch.float32, device=dev)
+    tok_rows = None if token_ids is None else token_ids.reshape(n, -1 if n else 1)         # [N, j]
+    tok_out = None if token_ids is None else token_logprobs.view(tok_rows.shape)
+    entropy = torch.empty(n, dtype=torch.float32, device=dev) if need_entropy else None
     step = chunk_rows(n, vocab, spec)
     banned = None if ignore_ids is None or not ignore_ids.numel() else banned_vocab(ignore_ids, vocab)
     with torch.no_grad():
@@ -232,15 +241,27 @@ def teacher_topk(hidden, weight, bias, ignore_ids, token_ids, spec):
             z = _logits(hidden[r:r + step], weight, bias, spec.inv_tau, spec)
             lse_c = z.logsumexp(-1)
             lse[r:r + step] = lse_c
+            if need_entropy:
+                # (m, s, e = Σ p (z − m)) of the chunk; a −inf logit has p = 0 and z − m = −inf: clamped so that
+                # it adds 0, not NaN. Two [c, V] temporaries next to z (p is reused for p (z − m)).
+                top = z.max(-1).values                                              # [c]
+                zc = (z - top[:, None]).clamp_min_(torch.finfo(z.dtype).min)
+                p = zc.exp()
+                s_c = p.sum(-1)
+                e = p.mul_(zc).sum(-1)
+                entropy[r:r + step] = merge_partials(top[None], s_c[None], e[None])[1]
+                del zc, p
             if token_ids is not None:
-                tok = token_ids[r:r + step]
+                tok = tok_rows[r:r + step]                                          # [c, j]
                 inside = (tok >= 0) & (tok < vocab)        # checks off: -inf outside the vocabulary
-                tz = z.gather(1, torch.where(inside, tok, 0)[:, None])[:, 0]
-                token_logprobs[r:r + step] = torch.where(inside, tz - lse_c, float("-inf"))
+                tz = z.gather(1, torch.where(inside, tok, 0))
+                tok_out[r:r + step] = torch.where(inside, tz - lse_c[:, None], float("-inf"))
             if banned is not None:
                 z.masked_fill_(banned, float("-inf"))
             vals, idx = topk_lower_id(z, k)                # exact ties → lower id, as the Triton kernel
             ids[r:r + step] = idx
             logprobs[r:r + step] = vals - lse_c.unsqueeze(-1)
             del z
+    if need_entropy:
+        return ids, logprobs, lse, token_logprobs, entropy
     return ids, logprobs, lse, token_logprobs

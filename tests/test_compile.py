@@ -107,7 +107,7 @@ def test_ops_registered_with_fake_and_autograd():
     assert names[8:] == [f for f in StudentLossSpec.__dataclass_fields__]
     assert all(str(r.type) == "Tensor" for r in student.returns)
     assert [a.name for a in torch.ops.opd_kernels.teacher_topk.default._schema.arguments][6:] == \
-        list(TeacherSpec.__dataclass_fields__)
+        ["need_entropy", *TeacherSpec.__dataclass_fields__]
     assert torch.ops.opd_kernels.student_loss_backward.default._schema.returns
 
     g = torch.Generator().manual_seed(3)
@@ -133,9 +133,14 @@ def test_ops_registered_with_fake_and_autograd():
                               (h, w, b, ids, t, sweep, None, "torch", *_ops._spec_values(spec, _ops._STUDENT_FIELDS)),
                               test_utils=utils)
     spec = TeacherSpec(k=4)
+    for need_entropy, tokens in ((False, torch.arange(5)), (True, torch.arange(10).reshape(5, 2))):
+        torch.library.opcheck(torch.ops.opd_kernels.teacher_topk.default,
+                              (h.detach(), w.detach(), None, torch.tensor([0, 99, 0]), tokens, "torch", need_entropy,
+                               *_ops._spec_values(spec, _ops._TEACHER_FIELDS)), test_utils=all_utils)
+    local = TeacherSpec(k=4, top_p=0.5, min_logprob=-3.0)
     torch.library.opcheck(torch.ops.opd_kernels.teacher_topk.default,
-                          (h.detach(), w.detach(), None, torch.tensor([0, 99, 0]), torch.arange(5), "torch",
-                           *_ops._spec_values(spec, _ops._TEACHER_FIELDS)), test_utils=all_utils)
+                          (h.detach(), w.detach(), None, None, None, "torch", False,
+                           *_ops._spec_values(local, _ops._TEACHER_FIELDS)), test_utils=all_utils)
     torch.library.opcheck(torch.ops.opd_kernels.gather_logprobs.default,
                           (h.detach(), w.detach(), b.detach(), torch.tensor([[0, 31], [5, -1], [40, 2], [1, 1], [3, 4]]),
                            sweep_lse, "torch", *_ops._spec_values(spec, _ops._TEACHER_FIELDS)), test_utils=all_utils)

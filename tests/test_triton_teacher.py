@@ -256,13 +256,17 @@ def test_compile_specs_cover_production_configs():
         assert {s.kernel for s in specs} == ({f"teacher_sweep_k{k}" for k in (1, 20, 64, 128, 256)}
                                              | {"teacher_sweep_k64_ignore", "teacher_sweep_k256_ignore"}
                                              | {f"teacher_sweep_k{k}_softcap" for k in (1, 64, 256)}
-                                             | {"teacher_sweep_k256_ignore_softcap"})
+                                             | {"teacher_sweep_k256_ignore_softcap"}
+                                             | {f"teacher_sweep_k{k}_entropy" for k in (64, 256)}
+                                             | {"teacher_sweep_k256_ignore_entropy",
+                                                "teacher_sweep_k256_softcap_entropy"})
         for s in specs:
             assert set(s.constexprs) <= set(s.signature)
             assert all(s.signature[c] == "constexpr" for c in s.constexprs)
             assert s.has_matmul and s.signature["b_ptr"] == "*bf16" and s.constexprs["HW"]
             assert s.constexprs["HAS_IGNORE"] == ("_ignore" in s.kernel)
-            assert s.constexprs["SOFTCAP"] == s.kernel.endswith("_softcap")
+            assert s.constexprs["SOFTCAP"] == ("_softcap" in s.kernel)
+            assert s.constexprs["NEED_E"] == s.kernel.endswith("_entropy") == s.config["entropy"]
             assert s.signature["softcap"] == "fp32"
             tma = s.constexprs["TMA"]
             assert tma == (arch >= 90)

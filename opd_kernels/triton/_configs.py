@@ -245,7 +245,9 @@ def fwd_plan(n: int, vocab: int, device: torch.device, dtype=torch.bfloat16, nee
 #: ``ctas_per_sm`` is the compiled occupancy the persistent grid is sized by; ``PART_W``: 32-column words per
 #: part of the tile's hit handling; ``group_bytes``: hidden-row bytes of one row-block group (kept in L2).
 #: sm_90: 128×256×64 TMA tiles, 4 stages (the forward sweep's main loop). sm_80: 64×128 (the pointer loads
-#: hold their addresses in registers; 128×128 spills). Speed unmeasured.
+#: hold their addresses in registers; 128×128 spills). Speed unmeasured. The entropy partial (``NEED_E``) fits
+#: the same tiles for every KP class, ignore list and soft-cap (triton 3.6: sm_90 244–248 registers, soft-capped
+#: 195–254; sm_80 180–255, spill-free).
 TEACHER = {
     90: dict(BN=128, BV=256, BH=64, PART_W=1, num_warps=8, num_stages=4, TMA=True, ctas_per_sm=1,
              group_bytes=24 * 2**20),

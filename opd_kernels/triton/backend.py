@@ -61,5 +61,8 @@ def input_grads(hidden, weight, bias, ids, lse, g, spec, need_h, need_w, need_b,
     return grad_h, grad_w, None if gb32 is None else gb32.to(hidden.dtype)
 
 
-def teacher_topk(hidden, weight, bias, ignore_ids, token_ids, spec):
-    return _teacher.teacher_topk(hidden, weight, bias, ignore_ids, token_ids, spec.k, spec.inv_tau, spec.cap)
+def teacher_topk(hidden, weight, bias, ignore_ids, token_ids, spec, need_entropy: bool = False):
+    """``(ids, logprobs, lse, token_logprobs or None[, entropy])`` (contract of ``torch_backend.teacher_topk``:
+    ``token_ids`` ``[N]`` or ``[N, j]``; the entropy ``[N]`` with ``need_entropy``)."""
+    return _teacher.teacher_topk(hidden, weight, bias, ignore_ids, token_ids, spec.k, spec.inv_tau, spec.cap,
+                                 need_entropy=need_entropy)

@@ -1,10 +1,18 @@
-"""Fused teacher top-K: ``z = (h Wᵀ + b) / τ`` → top-k ids, log-probs ``z − lse``, ``lse`` and optional
-token log-probs, in one sweep over the vocabulary without ``[N, V]`` logits.
+"""Fused teacher top-K: ``z = (h Wᵀ + b) / τ`` → top-k ids, log-probs ``z − lse``, ``lse``, optional token
+log-probs and optional entropy, in one sweep over the vocabulary without ``[N, V]`` logits (run on the student's
+head it gives the student's own top-k and lse; the entropy is what its stats need).
 
 **Math.** Per row n, over the columns j of a run of vocabulary tiles:
 
 - ``lse``: online log-sum-exp in base 2, ``m ← max(m, max z₂)``, ``s ← s·2^(m_old−m) + Σ 2^(z₂−m)``,
   ``z₂ = z·log₂e``; the runs' ``(m, s)`` are merged exactly (``_math.merge_partials``; natural = base 2 × ln 2).
+- Entropy (``NEED_E``; the default build carries nothing of it): ``e = Σ 2^(z₂−m)(z₂−m)`` next to ``s``, rescaled
+  online with it: when the max rises from m to m', ``Σ 2^(z₂−m')(z₂−m') = α (e + s (m − m'))`` with
+  ``α = 2^(m−m')``, plus the tile's ``Σ 2^(z₂−m')(z₂−m')`` (a ``−inf`` logit adds 0: ``z₂ − m'`` is clamped so
+  that ``0 · −inf`` is not NaN). Written per slot like ``(m, s)``; an empty slot is ``(−10³⁰, 0, 0)`` and merges
+  as nothing. In natural units ``e = e₂ ln 2`` (``z − m = (z₂ − m₂) ln 2``, ``2^(z₂−m₂) = e^(z−m)``), and
+  ``merge_partials(m₂ ln 2, s, e₂ ln 2)`` gives ``H = lse − Σ_j π_j z_j`` over the whole vocabulary (ignored
+  ids and ``−inf`` logits count as they count in ``lse``).
 - Order: a key ``(ord(z) << 32) | (2³¹−1 − j)`` (``ord``: the order-preserving int32 image of the float) is
   one int64 comparison that orders by value and, on equal values, prefers the lower id. A ``−inf`` logit is
   selectable as ``−FLT_MAX`` and reported as ``−inf``; ignored ids and columns ≥ V are never kept.
@@ -41,7 +49,7 @@ program ending a row block fills its unused slots with empty partials.
   registers. ``best`` (the slot's key rows) and the buffers (``[P, BN, CAP]`` int64 scratch, CAP = C plus a
   tile's worth) live in global memory, L1/L2 resident and touched only by hits and merges; Triton has no
   user-allocated shared memory, and a register- or SMEM-resident [128, KP] int64 state does not fit next to
-  the accumulator for KP up to 256. What stays in registers per row is ``(m, s, thr, fill)``.
+  the accumulator for KP up to 256. What stays in registers per row is ``(m, s, thr, fill)`` (and ``e``).
 - Per-row hit handling without scans or layout conversions: the tile is viewed as [BN, BV/32, 32] (a
   reinterpretation of the wgmma registers) and processed in parts of ``PART_W`` words; per (row, word) a
   32-bit hit mask is one masked reduction, its popcounts give every hit its slot ``fill + hits before it in
@@ -263,22 +271,23 @@ def _merge_buffer(key_ptr, buf_ptr, ign_ptr, pid, out_base, rows_left, fill, fre
 @triton.jit
 def _teacher_sweep_kernel(
     # pointers (h_src / w_src: tensor descriptors with blocks [BN, BH] / [BV, BH] when TMA)
-    h_src, w_src, b_ptr, ign_ptr, m_ptr, s_ptr, key_ptr, buf_ptr,
+    h_src, w_src, b_ptr, ign_ptr, m_ptr, s_ptr, e_ptr, key_ptr, buf_ptr,
     # sizes and scalars (inv_tau = logit_scale / τ; softcap = the cap in z units, read only with SOFTCAP)
     N, V, H, inv_tau, softcap, K_SEL,
     # launch plan (filled in by the launcher)
     n_row_blocks, n_tiles, rows_per_group, n_slots,
     # constexpr flags and tiles
-    HAS_BIAS: tl.constexpr, HAS_IGNORE: tl.constexpr, SOFTCAP: tl.constexpr, TMA: tl.constexpr,
-    EVEN_H: tl.constexpr,
+    HAS_BIAS: tl.constexpr, HAS_IGNORE: tl.constexpr, SOFTCAP: tl.constexpr, NEED_E: tl.constexpr,
+    TMA: tl.constexpr, EVEN_H: tl.constexpr,
     HW: tl.constexpr, KP: tl.constexpr, C: tl.constexpr, CAP: tl.constexpr, RB: tl.constexpr,
     PART_W: tl.constexpr, BN: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
     """Persistent program ``pid`` of ``P``: for each group of ``rows_per_group`` row blocks, the tiles
     ``[pid·G/P, (pid+1)·G/P)`` of the group's G = rows × ``n_tiles`` (row block major). Each maximal run of
-    one row block's tiles is a *segment*; it writes (m, s, top-KP keys) of its columns to its slot
-    ``pid − (first program of the row block)`` of ``[n_slots, N, ...]``; the program that ends a row block
-    fills the row block's unused slots with empty partials. With SOFTCAP the logits are ``softcap · tanh(z /
+    one row block's tiles is a *segment*; it writes (m, s[, e], top-KP keys) of its columns to its slot
+    ``pid − (first program of the row block)`` of ``[n_slots, N, ...]`` (e with NEED_E: the entropy
+    partial); the program that ends a row block fills the row block's unused slots with empty partials
+    (m = −10³⁰, s = e = 0, no keys). With SOFTCAP the logits are ``softcap · tanh(z /
     softcap)`` of ``z = inv_tau · (h Wᵀ + b)``."""
     pid = tl.program_id(0)
     n_prog = tl.num_programs(0)
@@ -290,6 +299,8 @@ def _teacher_sweep_kernel(
 
     m = tl.full([BN], _M_EMPTY, tl.float32)                            # running max of z·log2(e)
     s = tl.zeros([BN], tl.float32)                                     # Σ 2^(z·log2(e) − m)
+    if NEED_E:
+        e = tl.zeros([BN], tl.float32)                                 # Σ 2^(z₂ − m)(z₂ − m), z₂ = z·log₂e
     thr = tl.full([BN], float("inf"), tl.float32)                      # value of the row's k-th best key
     fill = tl.zeros([BN], tl.int32)                                    # candidates buffered per row
     fresh = 1                                                          # no keys written in this segment yet
@@ -309,6 +320,8 @@ def _teacher_sweep_kernel(
             if seg_start:                                              # a segment starts
                 m = tl.full([BN], _M_EMPTY, tl.float32)
                 s = tl.zeros([BN], tl.float32)
+                if NEED_E:
+                    e = tl.zeros([BN], tl.float32)
                 thr = tl.where(row_ok, float("-inf"), float("inf"))
                 fill = tl.zeros([BN], tl.int32)
                 fresh = 1
@@ -331,7 +344,16 @@ def _teacher_sweep_kernel(
 
             # online log-sum-exp (base 2)
             m_new = tl.maximum(m, tl.max(z, axis=1) * _LOG2E)
-            s = s * tl.exp2(m - m_new) + tl.sum(tl.exp2(z * _LOG2E - m_new[:, None]), axis=1)
+            if NEED_E:
+                # entropy partial: Σ 2^(z₂−m')(z₂−m') = α (e + s (m − m')) + Σ_tile, α = 2^(m−m'). A −inf
+                # logit (bias, cut tile) has p = 0 and d = −inf: d is clamped so that it adds 0, not NaN.
+                alpha = tl.exp2(m - m_new)
+                d = z * _LOG2E - m_new[:, None]                        # [BN, BV] z₂ − m'
+                p = tl.exp2(d)                                         # [BN, BV]
+                e = alpha * (e + s * (m - m_new)) + tl.sum(p * tl.maximum(d, _M_EMPTY), axis=1)
+                s = s * alpha + tl.sum(p, axis=1)
+            else:
+                s = s * tl.exp2(m - m_new) + tl.sum(tl.exp2(z * _LOG2E - m_new[:, None]), axis=1)
             m = m_new
 
             # running top-K. A hit beats its row's k-th best value (this tile's ids are larger, so equal
@@ -348,11 +370,15 @@ def _teacher_sweep_kernel(
             if seg_end:                                                # the segment's partials
                 tl.store(m_ptr + out_base + offs_n, m, mask=row_ok)
                 tl.store(s_ptr + out_base + offs_n, s, mask=row_ok)
+                if NEED_E:
+                    tl.store(e_ptr + out_base + offs_n, e, mask=row_ok)
                 if t == n_tiles - 1:                                   # the row block's unused slots
                     for slot2 in range(pid - p_first + 1, n_slots):
                         o2 = out_base + (slot2 - (pid - p_first)).to(tl.int64) * N + offs_n
                         tl.store(m_ptr + o2, tl.full([BN], _M_EMPTY, tl.float32), mask=row_ok)
                         tl.store(s_ptr + o2, tl.zeros([BN], tl.float32), mask=row_ok)
+                        if NEED_E:
+                            tl.store(e_ptr + o2, tl.zeros([BN], tl.float32), mask=row_ok)
                         tl.store(key_ptr + o2[:, None] * KP + kcol[None, :],
                                  tl.full([BN, KP], _MIN_KEY, tl.int64), mask=row_ok[:, None])
 
@@ -434,13 +460,17 @@ def _check_plan(cfg: dict, kp: int) -> None:
         raise ValueError(f"teacher RB (merge rows) must be a power of two ≤ BN = {cfg['BN']}, got {rb}")
 
 
-def teacher_topk(hidden, weight, bias, ignore_ids, token_ids, k: int, inv_tau: float, softcap: float | None = None):
-    """``(ids [N,k] int64, logprobs [N,k] fp32, lse [N] fp32, token_logprobs [N] fp32 or None)`` of the logits
-    ``inv_tau · (h Wᵀ + b)`` (``inv_tau = logit_scale / τ``), soft-capped at ``softcap`` (z units) when given.
+def teacher_topk(hidden, weight, bias, ignore_ids, token_ids, k: int, inv_tau: float, softcap: float | None = None,
+                 need_entropy: bool = False):
+    """``(ids [N,k] int64, logprobs [N,k] fp32, lse [N] fp32, token_logprobs [N] / [N,j] fp32 or None)`` of the
+    logits ``z = inv_tau · (h Wᵀ + b)`` (``inv_tau = logit_scale / τ``), soft-capped at ``softcap`` (z units)
+    when given; with ``need_entropy`` a fifth output, ``entropy [N] fp32``: ``lse − Σ_j π_j z_j`` over the
+    whole vocabulary (ignored ids included, as in ``lse``), from the sweep's ``e`` partials.
 
     ``hidden [N, H]`` / ``weight [V, H]`` / ``bias [V]`` (one dtype), ``ignore_ids`` int64 ids never selected
-    (or None; ids outside ``[0, V)`` are skipped), ``token_ids [N]`` int64 in range (or None). The launch plan
-    comes from ``_configs.teacher_tiles`` (with its ``teacher`` override) and :func:`launch_plan`."""
+    (or None; ids outside ``[0, V)`` are skipped), ``token_ids [N]`` or ``[N, j]`` int64 (or None; −inf
+    log-prob at an id outside ``[0, V)``). The launch plan comes from ``_configs.teacher_tiles`` (with its
+    ``teacher`` override) and :func:`launch_plan`."""
     n, h_dim = hidden.shape
     vocab = weight.shape[0]
     dev = hidden.device
@@ -453,9 +483,11 @@ def teacher_topk(hidden, weight, bias, ignore_ids, token_ids, k: int, inv_tau: f
     ids = alloc((n, k), torch.long, dev, poison=-1)
     logprobs = alloc((n, k), torch.float32, dev)
     lse = alloc((n,), torch.float32, dev)
-    token_lp = None if token_ids is None else alloc((n,), torch.float32, dev)
+    token_lp = None if token_ids is None else alloc(token_ids.shape, torch.float32, dev)
+    entropy = alloc((n,), torch.float32, dev) if need_entropy else None
+    out = (ids, logprobs, lse, token_lp) + ((entropy,) if need_entropy else ())
     if n == 0:
-        return ids, logprobs, lse, token_lp
+        return out
 
     hidden, weight = hidden.contiguous(), weight.contiguous()
     bias = None if bias is None else bias.contiguous()
@@ -472,6 +504,7 @@ def teacher_topk(hidden, weight, bias, ignore_ids, token_ids, k: int, inv_tau: f
     programs, slots = plan["programs"], plan["slots"]
     part_m = alloc((slots, n), torch.float32, dev)
     part_s = alloc((slots, n), torch.float32, dev)
+    part_e = alloc((slots, n), torch.float32, dev) if need_entropy else None
     part_k = alloc((slots, n, kp), torch.long, dev, poison=2**63 - 1)  # poison wins, decodes out of range
     cap = buffer_capacity(c, bv)
     buf = torch.full((programs, bn, cap), -1, dtype=torch.long, device=dev)      # empty candidate buffers
@@ -485,27 +518,32 @@ def teacher_topk(hidden, weight, bias, ignore_ids, token_ids, k: int, inv_tau: f
         h_src, w_src = hidden, weight
     _teacher_sweep_kernel[(programs,)](
         h_src, w_src, dummy if bias is None else bias, dummy if ign is None else ign,
-        part_m, part_s, part_k, buf, n, vocab, h_dim, float(inv_tau), float(softcap or 1.0), k,
+        part_m, part_s, part_s if part_e is None else part_e, part_k, buf, n, vocab, h_dim, float(inv_tau),
+        float(softcap or 1.0), k,
         plan["row_blocks"], plan["n_tiles"], plan["rows_per_group"], slots,
-        HAS_BIAS=bias is not None, HAS_IGNORE=ign is not None, SOFTCAP=softcap is not None, TMA=tma,
-        EVEN_H=h_dim % bh == 0,
+        HAS_BIAS=bias is not None, HAS_IGNORE=ign is not None, SOFTCAP=softcap is not None,
+        NEED_E=need_entropy, TMA=tma, EVEN_H=h_dim % bh == 0,
         HW=not interpreting(dev), KP=kp, C=c, CAP=cap, RB=cfg["RB"], PART_W=cfg["PART_W"], BN=bn, BV=bv, BH=bh,
         DOT_PREC=dot_precision(hidden.dtype), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
-    # merge the segments: the base-2 partials are natural ones scaled by ln 2; top-k of all partial keys
-    # (unique → deterministic)
-    lse.copy_(_math.merge_partials(part_m * LN2, part_s)[0])
+    # merge the segments: the base-2 partials m and e are natural ones scaled by ln 2 (z₂ − m₂ = (z − m) / ln 2,
+    # s is unit-free); top-k of all partial keys (unique → deterministic)
+    lse_m, ent = _math.merge_partials(part_m * LN2, part_s, None if part_e is None else part_e * LN2)
+    lse.copy_(lse_m)
+    if need_entropy:
+        entropy.copy_(ent)
     cand = part_k.permute(1, 0, 2).reshape(n, slots * kp)
     top = cand.topk(k, dim=1).values                                   # [N, k] descending, unique keys
     top_ids, top_z = _decode_keys(top)
     ids.copy_(top_ids)
     logprobs.copy_(top_z - lse[:, None])
 
-    if token_ids is not None:
-        tz = gather.gather_logits(hidden, weight, bias, token_ids.reshape(n, 1).contiguous(), inv_tau, softcap)
-        inside = (token_ids >= 0) & (token_ids < vocab)                # checks off: -inf outside [0, V)
-        token_lp.copy_(torch.where(inside, tz[:, 0] - lse, float("-inf")))
-    return ids, logprobs, lse, token_lp
+    if token_ids is not None:                                          # [N] → [N, 1]: K = 1 of the gather
+        tok = token_ids.reshape(n, -1).to(device=dev, dtype=torch.long).contiguous()
+        tz = gather.gather_logits(hidden, weight, bias, tok, inv_tau, softcap)                # [N, j]
+        inside = (tok >= 0) & (tok < vocab)                            # checks off: -inf outside [0, V)
+        token_lp.copy_(torch.where(inside, tz - lse[:, None], float("-inf")).reshape(token_ids.shape))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------- compile check
@@ -514,7 +552,8 @@ def teacher_topk(hidden, weight, bias, ignore_ids, token_ids, k: int, inv_tau: f
 _SMS = {90: 132, 80: 108}
 
 
-def _spec(hidden_size: int, arch: int, dtype, k: int, ignore: bool, softcap: bool = False) -> CompileSpec:
+def _spec(hidden_size: int, arch: int, dtype, k: int, ignore: bool, softcap: bool = False,
+          entropy: bool = False) -> CompileSpec:
     t = TL_DTYPE[dtype]
     p = "*" + t
     kp = _next_pow2(k)
@@ -522,9 +561,10 @@ def _spec(hidden_size: int, arch: int, dtype, k: int, ignore: bool, softcap: boo
     plan = launch_plan(PRODUCTION_SHAPE["N"], PRODUCTION_SHAPE["V"], hidden_size, 2, c, _SMS[arch_family(arch)])
     cap = buffer_capacity(c["C"], c["BV"])
     return CompileSpec(
-        kernel=f"teacher_sweep_k{k}{'_ignore' if ignore else ''}{'_softcap' if softcap else ''}",
+        kernel=f"teacher_sweep_k{k}{'_ignore' if ignore else ''}{'_softcap' if softcap else ''}"
+               f"{'_entropy' if entropy else ''}",
         fn=_teacher_sweep_kernel,
-        constexprs=dict(HAS_BIAS=False, HAS_IGNORE=ignore, SOFTCAP=softcap, TMA=c["TMA"],
+        constexprs=dict(HAS_BIAS=False, HAS_IGNORE=ignore, SOFTCAP=softcap, NEED_E=entropy, TMA=c["TMA"],
                         EVEN_H=hidden_size % c["BH"] == 0, HW=True,
                         KP=kp, C=c["C"], CAP=cap, RB=c["RB"], PART_W=c["PART_W"], BN=c["BN"], BV=c["BV"],
                         BH=c["BH"], DOT_PREC=dot_precision(dtype, allow_tf32=False)),
@@ -535,7 +575,7 @@ def _spec(hidden_size: int, arch: int, dtype, k: int, ignore: bool, softcap: boo
         config=dict(k=k, KP=kp, C=c["C"], CAP=cap, RB=c["RB"], BN=c["BN"], BV=c["BV"], BH=c["BH"], TMA=c["TMA"],
                     num_warps=c["num_warps"], num_stages=c["num_stages"], H=hidden_size, ignore=ignore,
                     ctas_per_sm=c["ctas_per_sm"], programs=plan["programs"], rows_per_group=plan["rows_per_group"],
-                    slots=plan["slots"], softcap=softcap),
+                    slots=plan["slots"], softcap=softcap, entropy=entropy),
         scalars=dict(K_SEL=k, n_row_blocks=plan["row_blocks"], n_tiles=plan["n_tiles"],
                      rows_per_group=plan["rows_per_group"], n_slots=plan["slots"]))
 
@@ -544,8 +584,14 @@ def compile_specs(hidden_size: int, arch: int = 90, dtype=torch.bfloat16) -> lis
     """The sweep kernel at its production tiles for every KP class (k = 1 … 256) with the launch plan of the
     production shape (N = 16384, V = 128256) on the reference part, bf16, no bias: without an ignore list
     and, at k = 64 and 256, with one (ignored ids filtered in the merge); soft-capped (a tanh per logit,
-    Gemma-2/3 teachers) at k = 1, 64 and 256, and at k = 256 with an ignore list."""
+    Gemma-2/3 teachers) at k = 1, 64 and 256, and at k = 256 with an ignore list; with the entropy partial
+    (``NEED_E``, ``_entropy``: the student's own sweep) at k = 64 and 256, and at k = 256 with an ignore list
+    or soft-capped (the register-tightest classes; every combination of k ≤ 256, ignore and soft-cap was
+    checked spill-free on sm_90 and sm_80 when the flag was added)."""
     return [_spec(hidden_size, arch, dtype, k, False) for k in (1, 20, 64, 128, 256)] \
         + [_spec(hidden_size, arch, dtype, k, True) for k in (64, 256)] \
         + [_spec(hidden_size, arch, dtype, k, False, True) for k in (1, 64, 256)] \
-        + [_spec(hidden_size, arch, dtype, 256, True, True)]
+        + [_spec(hidden_size, arch, dtype, 256, True, True)] \
+        + [_spec(hidden_size, arch, dtype, k, False, entropy=True) for k in (64, 256)] \
+        + [_spec(hidden_size, arch, dtype, 256, True, entropy=True)] \
+        + [_spec(hidden_size, arch, dtype, 256, False, True, entropy=True)]

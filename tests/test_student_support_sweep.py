@@ -1,0 +1,59 @@
+"""A student-side support (``Objective(support="student" | "teacher+student")``) and ``topk_overlap`` take the
+student's top-k, its logsumexp and (with stats) its entropy from ONE vocabulary sweep: the teacher top-K
+machinery run on the student's head. The loss's own logsumexp sweep must not run again."""
+
+import pytest
+import torch
+
+import opd_kernels as ok
+from reference import objectives as RO
+from tests.utils import assert_close
+
+BACKENDS = ["torch"] + (["triton"] if ok.triton_available() else [])
+
+
+def _module(backend):
+    from opd_kernels import torch_backend
+    if backend == "torch":
+        return torch_backend
+    from opd_kernels.triton import backend as triton_backend
+    return triton_backend
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("support,stats", [("student", True), ("teacher+student", False), ("teacher", True)])
+def test_one_sweep_per_forward(backend, support, stats, monkeypatch):
+    g = torch.Generator().manual_seed(11)
+    n, h, v, k = 19, 24, 301, 5
+    hidden = torch.randn(n, h, generator=g, requires_grad=True)
+    weight = (torch.randn(v, h, generator=g) / h ** 0.5).requires_grad_()
+    t_full = torch.log_softmax(torch.randn(n, v, generator=g, dtype=torch.float64) * 2, -1)
+    t, ids = t_full.topk(k, -1)
+    scorer = lambda i: torch.where(i >= 0, t_full.gather(-1, i.clamp_min(0)), float("-inf")).float()  # noqa: E731
+    impl = _module(backend)
+    calls = {"lse_partials": 0, "teacher_topk": 0}
+    for name in calls:
+        real = getattr(impl, name)
+
+        def counted(*a, _real=real, _name=name, **kw):
+            calls[_name] += 1
+            return _real(*a, **kw)
+        monkeypatch.setattr(impl, name, counted)
+    own = support != "teacher"
+    obj = ok.Objective("jsd", "tail", beta=0.3, support=support, student_k=4 if own else None)
+    args = (None, None) if support == "student" else (ids, t.float())
+    out = ok.topk_rkl_loss(hidden, weight, *args, variant=obj, backend=backend, return_stats=stats,
+                           topk_overlap=stats and support != "student", temperature=0.9,
+                           teacher_scorer=scorer if own else None)
+    loss = out[0] if stats else out
+    loss.backward()
+    assert calls == {"lse_partials": 0, "teacher_topk": 1}, calls
+    ref = RO.objective_loss(hidden.detach().double().requires_grad_(), weight.detach().double(), *args,
+                            divergence="jsd", support_mass="tail", beta=0.3, support=support,
+                            student_k=4 if own else None, teacher_scorer=scorer if own else None, temperature=0.9,
+                            return_stats=stats, topk_overlap=stats and support != "student")
+    if stats:
+        ref, ref_stats = ref
+        for name in ("kl", "entropy", "student_topk_mass") + (("topk_overlap",) if support != "student" else ()):
+            assert_close(name, out[1][name], ref_stats[name], 1e-5)
+    assert_close("loss", loss, ref, 1e-5)
