@@ -736,20 +736,23 @@ class TopKRKLLoss(torch.nn.Module):
     """Module form of :func:`topk_rkl_loss`: the constructor takes the options, ``forward`` the tensors."""
 
     def __init__(self, *, variant="stopgrad", temperature=1.0, logit_scale=1.0, softcap=None, ignore_ids=None,
-                 reduction="mean", backend="auto", return_stats=False):
+                 reduction="mean", backend="auto", return_stats=False, topk_overlap=False):
         super().__init__()
         V.check_variant(variant)
+        self.topk_overlap = topk_overlap
         V.check_reduction(reduction)
         V.check_choice("backend", backend, V.BACKENDS)
         self.variant, self.temperature, self.ignore_ids = variant, V.check_temperature(temperature), ignore_ids
         self.logit_scale, self.softcap = V.check_logit_scale(logit_scale), V.check_softcap(softcap)
         self.reduction, self.backend, self.return_stats = reduction, backend, return_stats
 
-    def forward(self, hidden, weight, teacher_ids, teacher_logprobs, mask=None, bias=None):
+    def forward(self, hidden, weight, teacher_ids, teacher_logprobs, mask=None, bias=None, teacher_scorer=None):
+        """``teacher_scorer``: for an ``Objective`` with a student-side support (see :func:`topk_rkl_loss`)."""
         return topk_rkl_loss(hidden, weight, teacher_ids, teacher_logprobs, mask, variant=self.variant, bias=bias,
                              temperature=self.temperature, logit_scale=self.logit_scale, softcap=self.softcap,
                              ignore_ids=self.ignore_ids, reduction=self.reduction, backend=self.backend,
-                             return_stats=self.return_stats)
+                             return_stats=self.return_stats, teacher_scorer=teacher_scorer,
+                             topk_overlap=self.topk_overlap)
 
     def extra_repr(self):
         extra = "" if self.logit_scale == 1.0 else f", logit_scale={self.logit_scale}"

@@ -57,3 +57,22 @@ def test_one_sweep_per_forward(backend, support, stats, monkeypatch):
         for name in ("kl", "entropy", "student_topk_mass") + (("topk_overlap",) if support != "student" else ()):
             assert_close(name, out[1][name], ref_stats[name], 1e-5)
     assert_close("loss", loss, ref, 1e-5)
+
+
+def test_module_and_head_forms_take_an_objective_and_a_scorer():
+    g = torch.Generator().manual_seed(2)
+    n, h, v = 7, 12, 60
+    hidden, weight = torch.randn(n, h, generator=g), torch.randn(v, h, generator=g)
+    t_full = torch.log_softmax(torch.randn(n, v, generator=g), -1)
+    t, ids = t_full.topk(4, -1)
+    scorer = lambda i: torch.where(i >= 0, t_full.gather(-1, i.clamp_min(0)), float("-inf"))  # noqa: E731
+    obj = ok.Objective("mixed", "renorm", alpha=0.25, support="teacher+student", student_k=3)
+    want = ok.topk_rkl_loss(hidden, weight, ids, t, variant=obj, backend="torch", teacher_scorer=scorer)
+    module = ok.TopKRKLLoss(variant=obj, backend="torch")
+    assert_close("module", module(hidden, weight, ids, t, teacher_scorer=scorer), want, 0.0)
+    head = torch.nn.Linear(h, v, bias=False)
+    head.weight.data.copy_(weight)
+    got = ok.nn.TopKRKLHead(head, variant=obj, backend="torch")(hidden, ids, t, teacher_scorer=scorer)
+    assert_close("head", got, want, 0.0)
+    with pytest.raises(ValueError, match="teacher_scorer"):
+        module(hidden, weight, ids, t)
