@@ -299,3 +299,31 @@ def test_options_under_compile_are_the_process_wide_ones():
     finally:
         ok.set_options(chunk_size=saved)
     _check_no_breaks()
+
+
+def test_composed_objective_with_student_support_compiles_fullgraph():
+    """A composed objective over the union of the teacher's (local, top-p) top-K and the student's own top-k, with
+    a TeacherScorer and the overlap / leak stats: one graph (aot_eager), equal to eager."""
+    g = torch.Generator().manual_seed(4)
+    n, h, v = 10, 16, 50
+    hid = torch.randn(n, h, generator=g, requires_grad=True)
+    w = torch.randn(v, h, generator=g, requires_grad=True)
+    th, tw = torch.randn(n, h, generator=g), torch.randn(v, h, generator=g)
+    obj = ok.Objective("jsd", "tail", beta=0.3, support="teacher+student", student_k=4)
+
+    def step(hid, w, th, tw):
+        tgt = ok.teacher_topk(th, tw, 6, top_p=0.9)
+        scorer = ok.TeacherScorer(th, tw, lse=tgt.lse)
+        loss, st = ok.topk_rkl_loss(hid, w, tgt.ids, tgt.logprobs, variant=obj, teacher_scorer=scorer,
+                                    return_stats=True, topk_overlap=True)
+        return loss, st["topk_overlap"], st["stopgrad_leak"]
+
+    eager = step(hid, w, th, tw)
+    (grad_eager,) = torch.autograd.grad(eager[0], hid)
+    torch._dynamo.reset()
+    compiled = torch.compile(step, fullgraph=True, backend="aot_eager")
+    got = compiled(hid, w, th, tw)
+    (grad,) = torch.autograd.grad(got[0], hid)
+    for a, b in zip(got, eager):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(grad, grad_eager, rtol=1e-6, atol=1e-7)
