@@ -334,3 +334,190 @@ def test_loss_decreases_on_embedded_task(tmp_path):
     losses = [r["loss"] for r in tr.history]
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert last < 0.7 * first, (first, last)
+
+
+# ------------------------------------------------------------ replication features: supports, leak, GRPO, OPSD, probe
+
+from reference.trainer.losses import filter_slots, group_advantages, policy_gradient_loss  # noqa: E402
+from reference.trainer.probe import prefix_probe  # noqa: E402
+from reference.trainer.task import RuleTask  # noqa: E402
+from reference.trainer.train import _parser  # noqa: E402
+
+
+def _target(logprobs):
+    import opd_kernels as ok
+    lp = torch.tensor(logprobs, dtype=torch.float32)
+    ids = torch.arange(lp.shape[-1]).expand_as(lp).clone()
+    return ok.TeacherTopK(ids, lp, torch.zeros(lp.shape[:-1]), None)
+
+
+def test_filter_slots_top_p_and_floor():
+    t = _target([[math.log(0.5), math.log(0.3), math.log(0.15), math.log(0.05)],
+                 [math.log(0.01), math.log(0.009), math.log(0.008), math.log(0.007)]])
+    nuc = filter_slots(t, top_p=0.7)
+    assert nuc.ids[0].tolist() == [0, 1, -1, -1]              # 0.5 < 0.7 ≤ 0.8: the nucleus is {0, 1}
+    assert torch.isinf(nuc.logprobs[0, 2:]).all() and (nuc.logprobs[0, 2:] < 0).all()
+    assert nuc.ids[1].tolist() == [0, 1, 2, 3]                 # mass before each slot stays below 0.7
+    floor = filter_slots(t, min_logprob=math.log(0.1))
+    assert floor.ids[0].tolist() == [0, 1, 2, -1]
+    assert floor.ids[1].tolist() == [0, -1, -1, -1]            # the top slot always stays
+    assert filter_slots(t) is t and filter_slots(t, top_p=1.0) is t
+
+
+def test_teacher_targets_support_options(tok, rows):
+    prompts, responses, _ = rows
+    teacher = _micro(tok, 11)
+    packed = pack(prompts, responses, tok.pad_token_id, "cpu")
+    full = teacher_targets(teacher, packed, tok.vocab_size)
+    for kw in (dict(top_p=0.5), dict(min_logprob=-3.5), dict(top_p=0.9, min_logprob=-4.0)):
+        got = teacher_targets(teacher, packed, tok.vocab_size, **kw)
+        want = filter_slots(full, kw.get("top_p"), kw.get("min_logprob"))
+        m = packed.response_mask
+        assert torch.equal(got.ids[m] >= 0, want.ids[m] >= 0), kw
+        assert ((got.ids[m] >= 0).sum(-1) < tok.vocab_size).all()
+        keep = got.ids[m] >= 0
+        torch.testing.assert_close(got.logprobs[m][keep], full.logprobs[m][keep])
+
+
+def test_leak_stats_match_materialized_logits(tok, rows):
+    prompts, responses, _ = rows
+    student, teacher = _micro(tok, 12), _micro(tok, 13)
+    packed = pack(prompts, responses, tok.pad_token_id, "cpu")
+    tgt = teacher_targets(teacher, packed, 6)
+    seqs = packed.input_ids
+    with torch.no_grad():
+        logp = torch.log_softmax(student(input_ids=seqs, attention_mask=packed.attention_mask).logits.double(), -1)
+    logp = logp.gather(1, packed.positions[..., None].expand(-1, -1, logp.shape[-1]))      # [B, R, V]
+    p_s = logp.gather(-1, tgt.ids).exp()
+    c = (p_s * (logp.gather(-1, tgt.ids) - tgt.logprobs.double())).sum(-1)
+    m = packed.response_mask
+    for objective, variant in (("topk", "tail"), ("topk", "stopgrad"), ("topk", "renorm"), ("sampled", None)):
+        _, stats = distill_loss(student, packed, tgt, objective=objective, variant=variant or "stopgrad")
+        assert torch.equal(stats["stopgrad_leak"][m].bool(), (c > 0)[m]), (objective, variant)
+        torch.testing.assert_close(stats["outside_mass"][m].double(), 1 - p_s.sum(-1)[m], rtol=1e-4, atol=1e-5)
+
+
+def test_group_advantages():
+    r = torch.tensor([1., 0., 0., 0., 1., 1., 1., 1.])
+    a = group_advantages(r, 4)
+    assert a[4:].abs().max() == 0                              # all equal: no signal
+    assert a[0] > 0 and (a[1:4] < 0).all() and abs(float(a[:4].sum())) < 1e-5
+    torch.testing.assert_close(a[:4], torch.tensor([1.7320, -0.5773, -0.5773, -0.5773]), rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(group_advantages(r, 4, normalize_std=False)[:4], torch.tensor([.75, -.25, -.25, -.25]))
+
+
+def test_policy_gradient_loss_gradient(tok, rows):
+    prompts, responses, _ = rows
+    model = _micro(tok, 14)
+    packed = pack(prompts, responses, tok.pad_token_id, "cpu")
+    adv = torch.tensor([1.0, -0.5, 2.0, 0.0, -1.0])
+    loss, stats = policy_gradient_loss(model, packed, adv)
+    loss.backward()
+    got = model.lm_head.weight.grad.clone()
+    ref = copy.deepcopy(model)
+    ref.zero_grad()
+    logits = ref(input_ids=packed.input_ids, attention_mask=packed.attention_mask).logits
+    logp = torch.log_softmax(logits, -1).gather(1, packed.positions[..., None].expand(-1, -1, logits.shape[-1]))
+    tok_lp = logp.gather(-1, packed.response[..., None])[..., 0]
+    m = packed.response_mask
+    want_loss = -(adv[:, None] * tok_lp)[m].sum() / m.sum()
+    want_loss.backward()
+    torch.testing.assert_close(loss, want_loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got, ref.lm_head.weight.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(stats["logprob"][m], tok_lp.detach()[m], rtol=1e-4, atol=1e-5)
+
+
+def test_rule_task_and_contexts(tok):
+    task = RuleTask(tok)
+    assert task.apply("abp", "reverse") == "pba" and task.apply("abp", "copy") == "abp"
+    assert task.apply("abp", "shift") == "bca"                 # p wraps to a
+    ex = task.examples(4, seed=1)
+    assert all(e.answer == tok.decode(e.prompt)[:-1][::-1] for e in ex)
+    assert tok.decode(task.rule_context()) == "reverse: " and tok.decode(task.hint_context("dcba")) == "hint dcba: "
+    mix = task.warmup_examples(30, seed=2)
+    kinds = [tok.decode(e.context).split(" ")[0] if e.context else "" for e in mix]
+    assert kinds.count("hint") == 10 and kinds.count("") == 10
+    for e in mix:
+        s = tok.decode(e.prompt)[:-1]
+        ctx = tok.decode(e.context)
+        if ctx.startswith("hint"):
+            assert ctx == f"hint {e.answer}: "
+        elif ctx:
+            assert e.answer == task.apply(s, ctx[:-2])
+        else:
+            assert e.answer in {task.apply(s, r) for r in task.RULES}
+    with pytest.raises(ValueError):
+        RuleTask(tok, target="sort")
+
+
+@pytest.mark.parametrize("kind", ["system", "answer", "none"])
+def test_opsd_privileged_context_kinds(tmp_path, tok, kind):
+    tr = Trainer(_tiny_cfg(tmp_path, mode="opsd", task="rules", opsd_context=kind))
+    ex = tr._sample_examples(3)
+    for e in ex:
+        want = {"system": "reverse: ", "answer": f"hint {e.answer}: ", "none": ""}[kind]
+        assert tok.decode(e.context) == want
+    s = tr.run()
+    assert s["teacher_accuracy_before"] is not None
+
+
+def test_grpo_mode_runs(tmp_path):
+    with pytest.raises(ValueError, match="samples-per-prompt"):
+        Trainer(_tiny_cfg(tmp_path, mode="grpo", samples_per_prompt=1))
+    s = Trainer(_tiny_cfg(tmp_path, mode="grpo", samples_per_prompt=3)).run()
+    log = D.read_jsonl(s["log"])
+    steps = [r for r in log if r["phase"] == "grpo" and r["step"] >= 0 and "loss" in r]
+    assert len(steps) == 3
+    for r in steps:
+        for key in ("loss", "entropy", "accuracy", "response_length", "zero_advantage_groups"):
+            assert r.get(key) is not None and math.isfinite(r[key]), key
+    assert not any(r["phase"] == "teacher_sft" for r in log)    # no teacher in GRPO
+
+
+def test_new_flags_reach_the_config(tmp_path):
+    args = _parser().parse_args(["--teacher-top-p", "0.9", "--teacher-min-logprob", "-4", "--mode", "grpo",
+                                 "--task", "rules", "--opsd-context", "answer", "--cache-warmup",
+                                 "--collapse-signals", "fast", "--no-grpo-std-norm"])
+    cfg = Config(**vars(args))
+    assert (cfg.teacher_top_p, cfg.teacher_min_logprob, cfg.mode, cfg.task, cfg.opsd_context) == \
+        (0.9, -4.0, "grpo", "rules", "answer")
+    assert cfg.cache_warmup and cfg.collapse_signals == "fast" and not cfg.grpo_std_norm
+    s = Trainer(_tiny_cfg(tmp_path, teacher_top_p=0.5, teacher_min_logprob=-3.0, variant="stopgrad")).run()
+    steps = [r for r in D.read_jsonl(s["log"]) if r["phase"] == "opd" and "loss" in r]
+    assert all(r["support_size"] < 16 for r in steps)
+    assert all(0.0 <= r["stopgrad_leak"] <= 1.0 and 0.0 <= r["outside_mass"] <= 1.0 for r in steps)
+
+
+def test_cached_warmup_reproduces_the_run(tmp_path):
+    kw = dict(cache_warmup=True, opd_steps=2, eval_every=0)
+    a = Trainer(_tiny_cfg(tmp_path, **kw))
+    a.run()
+    assert list((tmp_path / "cache").glob("warmup-*/state.pt"))
+    b = Trainer(_tiny_cfg(tmp_path, **kw))
+    b.run()
+    assert [r["loss"] for r in a.history] == [r["loss"] for r in b.history]
+    assert not any(r["phase"] == "warmup" for r in D.read_jsonl(str(tmp_path / "run" / "log.jsonl")))
+
+
+def test_fast_collapse_signals_and_detection_step():
+    det = D.CollapseDetector(window=3, patience=2, signals=D.FAST_SIGNALS)
+    for i in range(20):
+        m = _healthy(0)
+        if i >= 6:   # the leak: entropy rises, mass leaves the support
+            m.update(entropy=1.5, student_topk_mass=0.8)
+        det.update(m)
+    assert det.collapsed and det.collapsed_at is not None and 6 <= det.collapsed_at <= 10
+    det = D.CollapseDetector(window=3, patience=2, signals=D.FAST_SIGNALS)
+    for i in range(30):
+        det.update(_healthy(i))
+    assert not det.collapsed
+
+
+def test_prefix_probe_structure(tok):
+    teacher, student = _micro(tok, 15), _micro(tok, 16)
+    ex = ReverseTask(tok).examples(12, seed=4)
+    out = prefix_probe(teacher, student, ex, tok, 12, seed=0)
+    assert out["n"] == 12
+    for who in ("teacher", "student"):
+        for key in ("accuracy", "prefix_correct", "suffix_accuracy"):
+            assert 0.0 <= out[who][key] <= 1.0

@@ -17,7 +17,7 @@ from typing import Optional, Sequence
 import torch
 
 METRICS = ("loss", "kl", "student_topk_mass", "teacher_topk_mass", "overlap", "entropy", "response_length",
-           "truncated", "hedge_freq", "accuracy")
+           "truncated", "hedge_freq", "accuracy", "stopgrad_leak", "outside_mass")
 
 
 def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
@@ -26,30 +26,36 @@ def _masked_mean(x: torch.Tensor, mask: torch.Tensor) -> float:
     return float((x.to(torch.float64) * m).sum()) / n if n else float("nan")
 
 
-def batch_diagnostics(stats: dict, response: torch.Tensor, response_mask: torch.Tensor, teacher_ids: torch.Tensor,
+def batch_diagnostics(stats: dict, response: torch.Tensor, response_mask: torch.Tensor,
+                      teacher_ids: Optional[torch.Tensor],
                       *, eos_id: int, hedge_ids: Sequence[int] = (), truncated: Optional[Sequence[bool]] = None,
                       correct: Optional[Sequence[Optional[bool]]] = None) -> dict:
     """Means over one batch of rollouts in response coordinates.
 
     Args:
-        stats: per-token ``[B, R]`` tensors from the loss (``kl``, ``entropy``, and for the top-k objective
-            ``student_topk_mass``, ``teacher_topk_mass``).
+        stats: per-token ``[B, R]`` tensors from the loss (``kl``, ``entropy``, ``student_topk_mass``,
+            ``teacher_topk_mass``, and the leak diagnostics ``stopgrad_leak`` -- 1.0 where
+            c = Σ_S p (log p − t) > 0, so its mean is the fraction of leaking tokens -- and ``outside_mass``,
+            1 − Σ_S p).
         response, response_mask: ``[B, R]`` sampled ids and the mask of real response tokens.
-        teacher_ids: ``[B, R, K]`` the teacher's top-K ids at each position (negative = empty slot).
+        teacher_ids: ``[B, R, K]`` the teacher's top-K ids at each position (negative = empty slot); None
+            without a teacher (GRPO): no ``overlap`` / ``support_size``.
         hedge_ids: ids of the hedging tokens.
         truncated: per row, whether the rollout hit the length limit without eos.
         correct: per row, whether the task's checker accepted the answer (None = no checker).
 
-    Token-level metrics average over response tokens; ``response_length`` (tokens before eos) and
-    ``accuracy``/``truncated`` average over rows.
+    Token-level metrics average over response tokens (``support_size``: the teacher's non-empty slots);
+    ``response_length`` (tokens before eos) and ``accuracy``/``truncated`` average over rows.
     """
     mask = response_mask.bool()
     out = {}
-    for name in ("kl", "student_topk_mass", "teacher_topk_mass", "entropy"):
+    for name in ("kl", "student_topk_mass", "teacher_topk_mass", "entropy", "stopgrad_leak", "outside_mass"):
         if name in stats:
             out[name] = _masked_mean(stats[name], mask)
-    in_topk = ((teacher_ids == response[..., None]) & (teacher_ids >= 0)).any(-1)
-    out["overlap"] = _masked_mean(in_topk, mask)
+    if teacher_ids is not None:
+        out["support_size"] = _masked_mean((teacher_ids >= 0).sum(-1), mask)
+        in_topk = ((teacher_ids == response[..., None]) & (teacher_ids >= 0)).any(-1)
+        out["overlap"] = _masked_mean(in_topk, mask)
     hedge = torch.as_tensor(list(hedge_ids), dtype=response.dtype, device=response.device)
     out["hedge_freq"] = _masked_mean(torch.isin(response, hedge), mask) if len(hedge_ids) else 0.0
     ended = (mask & (response == eos_id)).any(-1)
@@ -70,6 +76,11 @@ class Signal:
     direction: str      # "up" or "down": the direction that signals collapse
     threshold: float    # absolute change of the recent window's mean against the baseline
     relative: bool = False  # threshold is a fraction of the baseline
+    name: Optional[str] = None  # default: the metric (give one when a metric has two signals)
+
+    @property
+    def key(self) -> str:
+        return self.name or self.metric
 
 
 DEFAULT_SIGNALS = (
@@ -81,6 +92,22 @@ DEFAULT_SIGNALS = (
     Signal("entropy", "down", 0.5, relative=True),
     Signal("accuracy", "down", 0.2),
 )
+
+# A sensitive set for short windows (``--collapse-signals fast``, used with ``--collapse-window 3
+# --collapse-patience 2`` by ``python -m reference.replicate``): the leak's first symptoms are the student's mass
+# leaving the teacher's support and its entropy *rising* (mass spread over the teacher's near-zero ids).
+FAST_SIGNALS = (
+    Signal("hedge_freq", "up", 0.02),
+    Signal("response_length", "up", 0.25, relative=True),
+    Signal("truncated", "up", 0.1),
+    Signal("overlap", "down", 0.05),
+    Signal("student_topk_mass", "down", 0.05),
+    Signal("entropy", "up", 0.1, relative=True, name="entropy_up"),
+    Signal("entropy", "down", 0.5, relative=True),
+    Signal("accuracy", "down", 0.2),
+)
+
+SIGNAL_SETS = {"default": DEFAULT_SIGNALS, "fast": FAST_SIGNALS}
 
 
 class CollapseDetector:
@@ -100,6 +127,7 @@ class CollapseDetector:
         self.active: set[str] = set()
         self.streak = 0
         self.collapsed = False
+        self.collapsed_at: Optional[int] = None     # index of the update that declared the collapse
 
     def _mean(self, rows, name):
         vals = [r[name] for r in rows if name in r and r[name] is not None and math.isfinite(r[name])]
@@ -120,17 +148,18 @@ class CollapseDetector:
             if s.relative and b == 0:
                 continue
             if change > limit:
-                if s.metric == "entropy":
+                if s.metric == "entropy" and s.direction == "down":
                     ab, ar = self._mean(base, "accuracy"), self._mean(recent, "accuracy")
                     if ab is not None and ar is not None and ar > ab:
                         continue
-                active.add(s.metric)
-                if s.metric not in self.active:
+                active.add(s.key)
+                if s.key not in self.active:
                     messages.append(f"collapse signal: {s.metric} went {s.direction} from {b:.4g} to {r:.4g}")
         self.active = active
         self.streak = self.streak + 1 if len(active) >= self.min_signals else 0
         if self.streak >= self.patience and not self.collapsed:
             self.collapsed = True
+            self.collapsed_at = len(self.history) - 1
             messages.append(f"COLLAPSE: {len(active)} signals active for {self.streak} steps: {sorted(active)}")
         return messages
 

@@ -127,6 +127,65 @@ class ReverseTask:
         return self.tok.encode(answer) + [self.tok.eos_token_id]
 
 
+class RuleTask(ReverseTask):
+    """The OPSD task (claim c of ``python -m reference.replicate``): one of several string transformations.
+
+    Every prompt is ``<bos>{s}>``; the target answer applies the task's ``target`` rule (default ``reverse``).
+    The rules are ``reverse``, ``copy`` and ``shift`` (every letter to the next one of the alphabet, cyclic).
+    Two kinds of privileged context can be shown to the self-teacher, both before the prompt:
+
+    * the shared rule, ``"{rule}: "`` -- the same system prompt for every example (``rule_context``);
+    * an instance-specific hint, ``"hint {answer}: "`` -- the answer itself (``hint_context``).
+
+    ``warmup_examples`` is the SFT mixture that makes both usable: a third each of rule-prompted examples
+    (random rule, the answer follows the stated rule), hinted examples (random rule, the answer copies the hint)
+    and bare prompts whose answer follows a random rule -- so without context the model does not know which rule
+    is asked (about 1/3 accuracy on the target), and with either context it does.
+    """
+
+    name = "rules"
+    RULES = ("reverse", "copy", "shift")
+
+    def __init__(self, tokenizer: CharTokenizer, target: str = "reverse", min_len: int = 3, max_len: int = 8,
+                 alphabet: str = "abcdefghijklmnop"):
+        super().__init__(tokenizer, min_len, max_len, alphabet)
+        if target not in self.RULES:
+            raise ValueError(f"target must be one of {self.RULES}, got {target!r}")
+        self.target = target
+
+    def apply(self, s: str, rule: str) -> str:
+        if rule == "reverse":
+            return s[::-1]
+        if rule == "copy":
+            return s
+        if rule == "shift":
+            a = self.alphabet
+            return "".join(a[(a.index(c) + 1) % len(a)] for c in s)
+        raise ValueError(f"unknown rule {rule!r}")
+
+    def sample(self, rng: random.Random, rule: Optional[str] = None) -> tuple[str, str]:
+        n = rng.randint(self.min_len, self.max_len)
+        s = "".join(rng.choice(self.alphabet) for _ in range(n))
+        return s + ">", self.apply(s, rule or self.target)
+
+    def rule_context(self, rule: Optional[str] = None) -> list[int]:
+        return self.tok.encode(f"{rule or self.target}: ")
+
+    def hint_context(self, answer: str) -> list[int]:
+        return self.tok.encode(f"hint {answer}: ")
+
+    def warmup_examples(self, n: int, seed: int) -> list[Example]:
+        rng = random.Random(seed)
+        out = []
+        for i in range(n):
+            rule = rng.choice(self.RULES)
+            prompt, answer = self.sample(rng, rule)
+            kind = i % 3
+            ctx = self.rule_context(rule) if kind == 0 else self.hint_context(answer) if kind == 1 else []
+            out.append(Example(self.tok.encode(prompt, add_bos=True), answer, ctx))
+        return out
+
+
 def check_answer(response_text: str, answer: Optional[str]) -> Optional[bool]:
     """Exact match after stripping whitespace; None when there is no reference answer."""
     if answer is None:

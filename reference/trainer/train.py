@@ -3,7 +3,11 @@
 ``python -m reference.trainer`` runs the embedded default on a CPU with nothing downloaded. With
 ``--teacher PATH --student PATH --prompts FILE.jsonl`` it distills local transformers checkpoints.
 ``--mode opsd`` is self-distillation: the teacher is the student itself, shown a privileged context
-(``--system-prompt``, or a per-example ``"context"`` in the JSONL) that the student does not see.
+(``--system-prompt``, or a per-example ``"context"`` in the JSONL) that the student does not see
+(``--task rules --opsd-context system|answer|none``: an embedded task where that context carries information;
+``--opsd-frozen-teacher``: the teacher is a frozen copy of the warmed-up student). ``--mode grpo`` is RLVR on
+the student's own samples with the exact-match reward (group-relative advantages, on-policy policy gradient).
+``--teacher-top-p`` / ``--teacher-min-logprob`` make the teacher's support local (its nucleus / a log-prob floor).
 
 Why the default variant is ``"tail"`` (top-16 of a 51-token vocabulary): with a truncated support S the
 ``"stopgrad"`` gradient still has the dense term ``−π_j Σ_S p_k (log p_k − t_k)`` for ids j outside S, which
@@ -35,10 +39,10 @@ from typing import Optional
 import torch
 
 from . import diagnostics as D
-from .losses import distill_loss, sft_loss, teacher_targets
+from .losses import distill_loss, group_advantages, policy_gradient_loss, sft_loss, teacher_targets
 from .models import TINY_CONFIGS, auto_attn_implementation, load_causal_lm, tiny_llama
 from .rollout import generate, pack
-from .task import CharTokenizer, Example, ReverseTask, check_answer, load_jsonl_prompts
+from .task import CharTokenizer, Example, ReverseTask, RuleTask, check_answer, load_jsonl_prompts
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CACHE_VERSION = 1
@@ -53,12 +57,19 @@ class Config:
     eval_prompts: Optional[str] = None     # JSONL for evaluation (default: held-out task prompts / the prompts)
     teacher_size: str = "teacher"          # embedded model sizes (models.TINY_CONFIGS)
     student_size: str = "student"
+    task: str = "reverse"                  # embedded task: "reverse", or "rules" (OPSD: reverse/copy/shift, task.py)
     # objective
-    mode: str = "opd"                      # "opd": separate teacher; "opsd": teacher = student + privileged context
+    mode: str = "opd"                      # "opd": separate teacher; "opsd": teacher = student + privileged context;
+                                           # "grpo": RLVR on the student's own samples with the exact-match reward
     system_prompt: str = "reverse: "       # OPSD's fixed privileged context (a per-example "context" overrides)
+    opsd_context: str = "system"           # embedded OPSD: "system" (the system prompt, a shared rule),
+                                           # "answer" (per-example hint: the answer itself), "none"
+    opsd_frozen_teacher: bool = False      # OPSD: the teacher is a frozen copy of the warmed-up student (else live)
     objective: str = "topk"                # "topk" (topk_rkl_loss) or "sampled" (sampled_token_rkl_loss)
     variant: str = "tail"                  # topk_rkl_loss variant (see the module docstring)
     k: int = 16                            # teacher top-K
+    teacher_top_p: float = 1.0             # empty the teacher slots outside its top-p nucleus (1.0: keep all K)
+    teacher_min_logprob: Optional[float] = None  # empty the teacher slots with log-prob below this floor
     ignore_special: bool = False           # drop special tokens (except eos) from the support; see README
     loss_temperature: float = 1.0
     # phases
@@ -78,10 +89,12 @@ class Config:
     rollout_temperature: float = 1.0
     top_p: float = 1.0
     max_new_tokens: Optional[int] = None   # default: the task's (JSONL: 256)
+    grpo_std_norm: bool = True             # GRPO: divide the group-relative advantages by the group's std
     # diagnostics
     hedge_words: str = " wait, but, maybe"  # comma-separated
     collapse_window: int = 10
     collapse_patience: int = 5
+    collapse_signals: str = "default"      # diagnostics.SIGNAL_SETS: "default", or "fast" (short windows)
     stop_on_collapse: bool = False
     eval_size: int = 256
     eval_every: int = 50
@@ -95,6 +108,7 @@ class Config:
     out_dir: str = "runs/trainer"
     cache_dir: Optional[str] = None        # default: <repo>/.cache/opd_kernels (or $OPD_KERNELS_CACHE)
     no_cache: bool = False
+    cache_warmup: bool = False             # cache the warmed-up student (and the RNG state after the warm-up)
     save_every: int = 0                    # OPD checkpoint interval (0: only the final student)
     threads: Optional[int] = None
     progress: bool = True
@@ -170,8 +184,9 @@ def _lr_factor(step, total, warm=20):
     return 0.1 + 0.45 * (1 + math.cos(math.pi * min(1.0, t)))
 
 
-def sft(model, batches, steps, lr, cfg, desc, logger=None, phase="sft"):
-    """Cross-entropy on response tokens. ``batches(step)`` returns (prompts, responses, contexts or None)."""
+def sft(model, batches, steps, lr, cfg, desc, logger=None, phase="sft", on_step=None):
+    """Cross-entropy on response tokens. ``batches(step)`` returns (prompts, responses, contexts or None);
+    ``on_step(step)`` (optional) is called after each step and stops the phase early by returning True."""
     device = next(model.parameters()).device
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
     model.train()
@@ -193,6 +208,8 @@ def sft(model, batches, steps, lr, cfg, desc, logger=None, phase="sft"):
         bar.set_postfix(loss=f"{loss_v:.4f}")
         if logger is not None:
             logger.log({"phase": phase, "step": step, "loss": loss_v})
+        if on_step is not None and on_step(step):
+            break
     bar.close()
     model.eval()
     return loss_v
@@ -245,12 +262,16 @@ def _cache_root(cfg):
     return Path(os.environ.get("OPD_KERNELS_CACHE", REPO_ROOT / ".cache" / "opd_kernels"))
 
 
+def _teacher_key(cfg, tok, task) -> str:
+    return json.dumps({"v": CACHE_VERSION, "task": [task.name, task.min_len, task.max_len, task.alphabet],
+                       "tok": [tok.chars, list(tok.words)], "model": TINY_CONFIGS[cfg.teacher_size],
+                       "steps": cfg.teacher_steps, "lr": cfg.teacher_lr, "bs": cfg.sft_batch_size,
+                       "seed": cfg.seed}, sort_keys=True)
+
+
 def embedded_teacher(cfg, tok, task, device, logger=None):
     """The tiny teacher trained on the embedded task's reference answers, loaded from the cache if present."""
-    key = json.dumps({"v": CACHE_VERSION, "task": [task.name, task.min_len, task.max_len, task.alphabet],
-                      "tok": [tok.chars, list(tok.words)], "model": TINY_CONFIGS[cfg.teacher_size],
-                      "steps": cfg.teacher_steps, "lr": cfg.teacher_lr, "bs": cfg.sft_batch_size,
-                      "seed": cfg.seed}, sort_keys=True)
+    key = _teacher_key(cfg, tok, task)
     path = _cache_root(cfg) / f"teacher-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
     if not cfg.no_cache and (path / "meta.json").exists():
         from transformers import AutoModelForCausalLM
@@ -285,8 +306,18 @@ def embedded_teacher(cfg, tok, task, device, logger=None):
 
 class Trainer:
     def __init__(self, cfg: Config):
-        if cfg.mode not in ("opd", "opsd"):
-            raise ValueError(f"mode must be 'opd' or 'opsd', got {cfg.mode!r}")
+        if cfg.mode not in ("opd", "opsd", "grpo"):
+            raise ValueError(f"mode must be 'opd', 'opsd' or 'grpo', got {cfg.mode!r}")
+        if cfg.mode == "grpo" and cfg.samples_per_prompt < 2:
+            raise ValueError("mode 'grpo' needs --samples-per-prompt ≥ 2 (the group size)")
+        if cfg.opsd_context not in ("system", "answer", "none"):
+            raise ValueError(f"opsd_context must be 'system', 'answer' or 'none', got {cfg.opsd_context!r}")
+        if cfg.task not in ("reverse", "rules"):
+            raise ValueError(f"task must be 'reverse' or 'rules', got {cfg.task!r}")
+        if cfg.collapse_signals not in D.SIGNAL_SETS:
+            raise ValueError(f"collapse_signals must be one of {sorted(D.SIGNAL_SETS)}, got {cfg.collapse_signals!r}")
+        if not 0.0 < cfg.teacher_top_p <= 1.0:
+            raise ValueError(f"teacher_top_p must be in (0, 1], got {cfg.teacher_top_p}")
         if cfg.objective not in ("topk", "sampled"):
             raise ValueError(f"objective must be 'topk' or 'sampled', got {cfg.objective!r}")
         if cfg.grad_accum < 1 or cfg.samples_per_prompt < 1 or cfg.prompts_per_step < 1:
@@ -326,20 +357,24 @@ class Trainer:
             if not isinstance(tok, CharTokenizer):
                 raise ValueError("the embedded task needs the embedded character tokenizer: give --prompts FILE.jsonl "
                                  "for a transformers checkpoint")
-            self.task = ReverseTask(tok)
+            self.task = RuleTask(tok) if cfg.task == "rules" else ReverseTask(tok)
             self.train_examples = None
             self.eval_examples = self.task.examples(cfg.eval_size, seed=cfg.seed + 1000)
             self.max_new_tokens = cfg.max_new_tokens or self.task.max_new_tokens
+        self.teacher_key = cfg.teacher
         if cfg.mode == "opsd":
             self.system_ctx = _encode_ctx(tok, cfg.system_prompt)
             self.teacher = self.student
+        elif cfg.mode == "grpo":
+            self.teacher = None
         elif cfg.teacher:
             self.teacher, _ = load_causal_lm(cfg.teacher, device, attn_implementation=_attn(cfg, device))
         elif self.task is not None:
             self.teacher = embedded_teacher(cfg, tok, self.task, device, self.logger)
+            self.teacher_key = _teacher_key(cfg, tok, self.task)
         else:
             raise ValueError("mode 'opd' with --prompts needs --teacher PATH")
-        if self.teacher is not self.student:
+        if self.teacher is not None and self.teacher is not self.student:
             self.teacher.eval()
             self.teacher.requires_grad_(False)
             if _bf16(device, cfg):
@@ -353,12 +388,28 @@ class Trainer:
             ex = self.task.examples(n, seed=self.rng.randrange(1 << 30))
             if self.cfg.mode == "opsd":
                 for e in ex:
-                    e.context = list(self.system_ctx)
+                    e.context = self._privileged_context(e)
             return ex
         ex = [self.train_examples[self.rng.randrange(len(self.train_examples))] for _ in range(n)]
         if self.cfg.mode == "opsd":
             ex = [dataclasses.replace(e, context=e.context or list(self.system_ctx)) for e in ex]
         return ex
+
+    def _privileged_context(self, e: Example) -> list[int]:
+        """OPSD's teacher-only context of an embedded example: the shared system prompt (a rule stated for every
+        example), a per-example hint that is the answer itself, or nothing."""
+        kind = self.cfg.opsd_context
+        if kind == "system":
+            return list(self.system_ctx)
+        if kind == "answer":
+            if isinstance(self.task, RuleTask):
+                return self.task.hint_context(e.answer)
+            return _encode_ctx(self.tok, f"hint {e.answer}: ")
+        return []
+
+    def with_privileged_context(self, examples) -> list[Example]:
+        """Copies of ``examples`` carrying the OPSD teacher's context (evaluation of the self-teacher)."""
+        return [dataclasses.replace(e, context=self._privileged_context(e)) for e in examples]
 
     # ------------------------------------------------------------------------------------------ warm-up
     def warmup(self):
@@ -367,7 +418,52 @@ class Trainer:
         cfg = self.cfg
         if cfg.warmup_steps <= 0:
             return
-        pool = self._sample_examples(cfg.warmup_pool if self.task is not None else len(self.train_examples))
+        path = self._warmup_cache_path()
+        if path is not None and (path / "state.pt").exists():
+            self._load_warmup(path)
+            _say(f"[warm-up] loaded the warmed-up student from cache {path}")
+            return
+        self._warmup()
+        if path is not None:
+            self._save_warmup(path)
+
+    def _warmup_cache_path(self):
+        cfg = self.cfg
+        if not cfg.cache_warmup or cfg.no_cache or self.task is None or cfg.student:
+            return None
+        fields = ("mode", "task", "student_size", "warmup_steps", "warmup_lr", "warmup_pool", "sft_batch_size",
+                  "max_grad_norm", "weight_decay", "seed", "packed", "bf16", "system_prompt", "opsd_context",
+                  "ignore_special")
+        if cfg.mode == "opsd" and hasattr(self.task, "warmup_examples"):
+            fields = tuple(f for f in fields if f not in ("system_prompt", "opsd_context"))  # one shared mixture
+        key = json.dumps({"v": CACHE_VERSION, "cfg": {f: getattr(cfg, f) for f in fields},
+                          "teacher": self.teacher_key if cfg.mode == "opd" else None,
+                          "model": TINY_CONFIGS[cfg.student_size], "device": self.device.type},
+                         sort_keys=True, default=str)
+        return _cache_root(cfg) / f"warmup-{hashlib.sha256(key.encode()).hexdigest()[:12]}"
+
+    def _save_warmup(self, path):
+        tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+        tmp.mkdir(parents=True, exist_ok=True)
+        torch.save({"model": self.student.state_dict(), "rng": self.rng.getstate(),
+                    "gen": self.gen.get_state(), "torch": torch.get_rng_state()}, tmp / "state.pt")
+        shutil.rmtree(path, ignore_errors=True)
+        os.replace(tmp, path)
+
+    def _load_warmup(self, path):
+        state = torch.load(path / "state.pt", map_location=self.device, weights_only=False)
+        self.student.load_state_dict(state["model"])
+        self.student.eval()
+        self.rng.setstate(state["rng"])
+        self.gen.set_state(state["gen"])
+        torch.set_rng_state(state["torch"])
+
+    def _warmup(self):
+        cfg = self.cfg
+        if cfg.mode == "opsd" and hasattr(self.task, "warmup_examples"):
+            pool = self.task.warmup_examples(cfg.warmup_pool, seed=self.rng.randrange(1 << 30))
+        else:
+            pool = self._sample_examples(cfg.warmup_pool if self.task is not None else len(self.train_examples))
         if cfg.mode == "opd":
             t0 = time.time()
             r = generate(self.teacher, [e.prompt for e in pool], max_new_tokens=self.max_new_tokens,
@@ -380,7 +476,7 @@ class Trainer:
                 _say("[warm-up] skipped: OPSD warm-up needs reference answers")
                 return
             answers = [self._answer_ids(e.answer) for e in pool]
-            contexts = [e.context for e in pool]
+            contexts = [e.context for e in pool] if cfg.mode == "opsd" else None
         bs = cfg.sft_batch_size
         order = list(range(len(pool)))
 
@@ -417,7 +513,7 @@ class Trainer:
         self.teacher.eval()
         target = teacher_targets(self.teacher, teacher_rows, cfg.k, ignore_ids=self.ignore_ids,
                                  student_vocab=self.student_vocab, dtype=dtype, backend=cfg.backend,
-                                 autocast=autocast)
+                                 autocast=autocast, top_p=cfg.teacher_top_p, min_logprob=cfg.teacher_min_logprob)
         self.student.train()
         loss, stats = distill_loss(self.student, student_rows, target, objective=cfg.objective,
                                    variant=cfg.variant, ignore_ids=self.ignore_ids,
@@ -429,12 +525,37 @@ class Trainer:
                                    correct=correct)
         return loss, diag
 
+    def grpo_step(self, examples):
+        """One GRPO micro-batch: ``samples_per_prompt`` rollouts per prompt, exact-match rewards, group-relative
+        advantages, the on-policy policy-gradient loss (not yet backpropagated)."""
+        cfg, tok, device = self.cfg, self.tok, self.device
+        ro = generate(self.student, [e.prompt for e in examples], max_new_tokens=self.max_new_tokens,
+                      eos_id=tok.eos_token_id, pad_id=_pad_id(self.student), temperature=cfg.rollout_temperature,
+                      top_p=cfg.top_p, num_samples=cfg.samples_per_prompt, generator=self.gen)
+        src = [examples[i] for i in ro.source]
+        correct = [check_answer(tok.decode(r, skip_special_tokens=True), e.answer) for r, e in zip(ro.responses, src)]
+        if any(c is None for c in correct):
+            raise ValueError("mode 'grpo' needs a reference answer for every prompt (the verifiable reward)")
+        rewards = torch.tensor([1.0 if c else 0.0 for c in correct])
+        adv = group_advantages(rewards, cfg.samples_per_prompt, normalize_std=cfg.grpo_std_norm)
+        rows = pack(ro.prompts, ro.responses, _pad_id(self.student), device, packed=cfg.packed)
+        self.student.train()
+        loss, stats = policy_gradient_loss(self.student, rows, adv, dtype=_loss_dtype(device, cfg),
+                                           backend=cfg.backend, autocast=lambda: _autocast(device, cfg))
+        diag = D.batch_diagnostics(stats, rows.response, rows.response_mask, None, eos_id=tok.eos_token_id,
+                                   hedge_ids=self.hedge_ids, truncated=ro.truncated, correct=correct)
+        groups = rewards.reshape(-1, cfg.samples_per_prompt)
+        diag["zero_advantage_groups"] = float((groups.max(-1).values == groups.min(-1).values).double().mean())
+        return loss, diag
+
     def distill(self):
         cfg = self.cfg
         params = [p for p in self.student.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
-        detector = D.CollapseDetector(window=cfg.collapse_window, patience=cfg.collapse_patience)
-        bar = _bar(cfg.opd_steps, f"{cfg.mode.upper()} ({cfg.objective}/{cfg.variant})", cfg.progress)
+        detector = D.CollapseDetector(window=cfg.collapse_window, patience=cfg.collapse_patience,
+                                      signals=D.SIGNAL_SETS[cfg.collapse_signals])
+        what = "exact-match reward" if cfg.mode == "grpo" else f"{cfg.objective}/{cfg.variant}"
+        bar = _bar(cfg.opd_steps, f"{cfg.mode.upper()} ({what})", cfg.progress)
         self.history = []
         stopped = None
         for step in range(cfg.opd_steps):
@@ -442,7 +563,8 @@ class Trainer:
                 g["lr"] = cfg.lr * min(1.0, (step + 1) / 10)
             diags, loss_sum = [], 0.0
             for _ in range(cfg.grad_accum):
-                loss, diag = self.distill_step(self._sample_examples(cfg.prompts_per_step))
+                step_fn = self.grpo_step if cfg.mode == "grpo" else self.distill_step
+                loss, diag = step_fn(self._sample_examples(cfg.prompts_per_step))
                 (loss / cfg.grad_accum).backward()
                 loss_sum += loss.item() / cfg.grad_accum
                 diags.append(diag)
@@ -490,10 +612,20 @@ class Trainer:
     def run(self) -> dict:
         cfg, t0 = self.cfg, time.time()
         self.warmup()
+        if cfg.mode == "opsd" and cfg.opsd_frozen_teacher:
+            import copy
+            self.teacher = copy.deepcopy(self.student).eval()
+            self.teacher.requires_grad_(False)
         with_ctx = False
         acc0, len0, _ = evaluate(self.student, self.eval_examples, self.tok, self.max_new_tokens, with_context=with_ctx)
         self.logger.log({"phase": cfg.mode, "step": -1, "eval_accuracy": acc0, "eval_length": len0})
         _say(f"[eval] student before {cfg.mode.upper()}: accuracy {_fmt(acc0)}, mean response length {len0:.2f}")
+        teacher_acc = None
+        if cfg.mode == "opsd" and self.task is not None:
+            teacher_acc, _, _ = evaluate(self.student, self.with_privileged_context(self.eval_examples), self.tok,
+                                         self.max_new_tokens, with_context=True)
+            self.logger.log({"phase": cfg.mode, "step": -1, "teacher_eval_accuracy": teacher_acc})
+            _say(f"[eval] self-teacher (with the privileged context): accuracy {_fmt(teacher_acc)}")
         stopped = self.distill()
         acc1, len1, texts = evaluate(self.student, self.eval_examples, self.tok, self.max_new_tokens)
         last = cfg.opd_steps - 1 if stopped is None else stopped
@@ -505,7 +637,8 @@ class Trainer:
             png = D.plot_curves(D.read_jsonl(str(self.log_path)), str(self.out / "curves.png"),
                                 title=f"{cfg.mode} {cfg.objective}/{cfg.variant}")
         summary = {"accuracy_before": acc0, "accuracy_after": acc1, "length_before": len0, "length_after": len1,
-                   "collapsed": self.detector.collapsed, "stopped_at": stopped, "wall_s": time.time() - t0,
+                   "collapsed": self.detector.collapsed, "collapse_step": self.detector.collapsed_at,
+                   "teacher_accuracy_before": teacher_acc, "stopped_at": stopped, "wall_s": time.time() - t0,
                    "log": str(self.log_path), "plot": png, "final": str(self.out / "final"),
                    "examples": texts[:3]}
         _say(f"[eval] student after {cfg.mode.upper()}: accuracy {_fmt(acc1)}, mean response length {len1:.2f}")

@@ -1,0 +1,423 @@
+"""Shared machinery of the replication report: the run settings (full / quick), trainer jobs run in worker
+processes with their results cached as JSON, statistics over seeds, tables and figures.
+
+A *job* is a JSON-able dict ``{"fn": "module:function", "args": {...}}``; its result (JSON-able) is cached under
+``<cache>/replicate/jobs/<hash>.json`` where the hash covers the job and the source of ``reference/trainer``
+(changing the trainer invalidates every cached result). ``Runner.map`` runs jobs in ``jobs`` worker processes
+(``threads`` torch threads each), or in this process when ``jobs == 1``.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import hashlib
+import importlib
+import json
+import math
+import multiprocessing as mp
+import os
+import statistics
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+HARNESS_VERSION = 1
+
+# The trainer settings of a full run: the embedded default (teacher 128-d, student 64-d, 100 warm-up steps, 64
+# rollouts per step, lr 1e-3) with 60 OPD steps, greedy evaluation (256 prompts) every 5 steps, the collapse
+# detector's sensitive signal set on 3-step windows, the warm-up cached.
+FULL_BASE = dict(opd_steps=60, eval_every=5, eval_size=256, collapse_window=3, collapse_patience=2,
+                 collapse_signals="fast", cache_warmup=True, progress=False, plot=False)
+# --quick: micro models and a handful of steps (the harness is exercised, the numbers mean nothing).
+QUICK_BASE = dict(teacher_size="micro", student_size="micro", teacher_steps=6, warmup_steps=2, warmup_pool=16,
+                  opd_steps=4, prompts_per_step=4, samples_per_prompt=1, sft_batch_size=8, eval_size=8,
+                  eval_every=2, collapse_window=1, collapse_patience=1, collapse_signals="fast", cache_warmup=True,
+                  progress=False, plot=False)
+
+# per-step metrics kept from a run's history
+KEEP = ("step", "loss", "kl", "student_topk_mass", "teacher_topk_mass", "overlap", "entropy", "response_length",
+        "truncated", "hedge_freq", "accuracy", "stopgrad_leak", "outside_mass", "support_size", "eval_accuracy",
+        "grad_norm", "zero_advantage_groups")
+
+
+def code_hash() -> str:
+    h = hashlib.sha256(str(HARNESS_VERSION).encode())
+    for p in sorted((REPO_ROOT / "reference" / "trainer").glob("*.py")):
+        h.update(p.name.encode())
+        h.update(p.read_bytes())
+    return h.hexdigest()[:12]
+
+
+def git_commit() -> str:
+    try:
+        sha = subprocess.run(["git", "rev-parse", "HEAD"], cwd=REPO_ROOT, capture_output=True, text=True,
+                             timeout=10).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "reference", "opd_kernels"], cwd=REPO_ROOT,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return (sha[:12] or "unknown") + (" (with uncommitted changes)" if dirty else "")
+    except Exception:                                        # not a checkout
+        return "unknown"
+
+
+# ------------------------------------------------------------------------------------------------- context
+
+@dataclass
+class Ctx:
+    """What every claim gets: seeds, quick or full, where figures go, and the job runner."""
+    seeds: Sequence[int]
+    quick: bool
+    out_dir: Path                 # the report's folder (figures go to out_dir / "replication")
+    runner: "Runner"
+    notes: list = field(default_factory=list)
+
+    @property
+    def fig_dir(self) -> Path:
+        d = Path(self.out_dir) / "replication"
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+    def base(self, **kw) -> dict:
+        """Trainer config keywords of one run: the full or quick base plus ``kw`` and the cache folder."""
+        cfg = dict(QUICK_BASE if self.quick else FULL_BASE)
+        cfg.update(kw)
+        cfg.setdefault("cache_dir", self.runner.cache_dir)
+        cfg.setdefault("threads", self.runner.threads)
+        return cfg
+
+
+class Runner:
+    def __init__(self, cache_dir: str, jobs: int = 1, threads: int = 1, fresh: bool = False, log=print):
+        self.cache_dir = str(cache_dir)
+        self.jobs, self.threads, self.fresh, self.log = max(1, jobs), max(1, threads), fresh, log
+        self._pool = None
+        self._code = code_hash()
+        self.executed = 0
+        self.cached = 0
+        self.job_seconds = 0.0        # the jobs' own wall times (measured when they ran, cached or not)
+
+    def _path(self, job: dict) -> Path:
+        key = json.dumps({"job": job, "code": self._code}, sort_keys=True, default=str)
+        return Path(self.cache_dir) / "replicate" / "jobs" / f"{hashlib.sha256(key.encode()).hexdigest()[:16]}.json"
+
+    def job_dir(self, job: dict) -> str:
+        """A scratch folder of the job (its trainer output)."""
+        return str(self._path(job).with_suffix(""))
+
+    def map(self, jobs: Sequence[dict]) -> list:
+        """Results of ``jobs`` in order; cached ones are read, the others run (in parallel when ``jobs > 1``);
+        identical jobs run once."""
+        results: dict[int, object] = {}
+        todo: dict[str, list[int]] = {}
+        for i, job in enumerate(jobs):
+            p = self._path(job)
+            if not self.fresh and p.exists():
+                results[i] = json.loads(p.read_text())["result"]
+                self.cached += 1
+            else:
+                todo.setdefault(str(p), []).append(i)
+        if todo:
+            items = [(p, jobs[idx[0]]) for p, idx in todo.items()]
+            for (p, job), res in zip(items, self._execute([(job, self.job_dir(job)) for _, job in items])):
+                Path(p).parent.mkdir(parents=True, exist_ok=True)
+                tmp = Path(p).with_suffix(f".tmp{os.getpid()}")
+                tmp.write_text(json.dumps({"job": job, "result": res}, default=_json_default))
+                os.replace(tmp, p)
+                for i in todo[p]:
+                    results[i] = json.loads(json.dumps(res, default=_json_default))
+                self.executed += 1
+        out = [results[i] for i in range(len(jobs))]
+        self.job_seconds += sum(r.get("wall_s") or 0.0 for r in out if isinstance(r, dict))
+        return out
+
+    def _execute(self, items):
+        if self.jobs == 1 or len(items) == 1:
+            return [run_job(job, d, self.threads) for job, d in items]
+        if self._pool is None:
+            self._pool = cf.ProcessPoolExecutor(max_workers=self.jobs, mp_context=mp.get_context("spawn"))
+        futs = [self._pool.submit(run_job, job, d, self.threads) for job, d in items]
+        return [f.result() for f in futs]
+
+    def close(self):
+        if self._pool is not None:
+            self._pool.shutdown()
+            self._pool = None
+
+
+def run_job(job: dict, work_dir: str, threads: int):
+    """Worker entry point: import ``job["fn"]`` and call it with ``job["args"]`` and the scratch folder."""
+    import torch
+    torch.set_num_threads(threads)
+    mod, _, name = job["fn"].partition(":")
+    fn = getattr(importlib.import_module(mod), name)
+    return fn(work_dir=work_dir, **job["args"])
+
+
+def _json_default(o):
+    if isinstance(o, float) and not math.isfinite(o):
+        return None
+    if hasattr(o, "tolist"):
+        return o.tolist()
+    if isinstance(o, Path):
+        return str(o)
+    return str(o)
+
+
+# ---------------------------------------------------------------------------------------------- train jobs
+
+def train_job(cfg: dict) -> dict:
+    """The job of one trainer run with config keywords ``cfg``."""
+    return {"fn": "reference.replicate.common:_train", "args": {"cfg": cfg}}
+
+
+def prepare_job(cfg: dict) -> dict:
+    """The job that trains (caches) the embedded teacher and the warmed-up student of ``cfg`` without OPD."""
+    return {"fn": "reference.replicate.common:_prepare", "args": {"cfg": cfg}}
+
+
+def _quiet():
+    import warnings
+    warnings.filterwarnings("ignore")
+    try:
+        import transformers
+        transformers.logging.set_verbosity_error()
+        transformers.utils.logging.disable_progress_bar()
+    except Exception:
+        pass
+
+
+def _train(cfg: dict, work_dir: str) -> dict:
+    import contextlib
+    import io
+
+    from reference.trainer import Config, Trainer
+    _quiet()
+    c = Config(**{**cfg, "out_dir": os.path.join(work_dir, "run")})
+    t0, c0 = time.time(), time.process_time()
+    with contextlib.redirect_stdout(io.StringIO()):
+        tr = Trainer(c)
+        summary = tr.run()
+    hist = [{k: r[k] for k in KEEP if k in r and r[k] is not None} for r in tr.history]
+    keep = ("accuracy_before", "accuracy_after", "length_before", "length_after", "collapsed", "collapse_step",
+            "teacher_accuracy_before", "stopped_at")
+    out = {k: summary.get(k) for k in keep}
+    out["history"] = hist
+    out["evals"] = [(r["step"], r["eval_accuracy"]) for r in tr.history if r.get("eval_accuracy") is not None]
+    out["wall_s"], out["cpu_s"] = time.time() - t0, time.process_time() - c0
+    return out
+
+
+def _prepare(cfg: dict, work_dir: str) -> dict:
+    import contextlib
+    import io
+
+    from reference.trainer import Config, Trainer
+    _quiet()
+    c = Config(**{**cfg, "out_dir": os.path.join(work_dir, "run"), "opd_steps": 0})
+    t0 = time.time()
+    with contextlib.redirect_stdout(io.StringIO()):
+        Trainer(c).warmup()
+    return {"wall_s": time.time() - t0}
+
+
+def prepare(ctx: Ctx, cfgs: Sequence[dict]) -> None:
+    """Train the teachers, then the warm-ups, of ``cfgs`` once each (in parallel) before the runs that share them
+    (concurrent runs would otherwise each train the same teacher). Skipped in quick mode (it costs more there
+    than it saves)."""
+    if ctx.quick:
+        return
+    run_only = ("variant", "k", "lr", "opd_steps", "teacher_top_p", "teacher_min_logprob", "objective",
+                "eval_every", "stop_on_collapse", "opsd_context", "system_prompt", "opsd_frozen_teacher")
+    for stage in ("teacher", "warmup"):
+        seen, jobs = set(), []
+        for cfg in cfgs:
+            c = {k: v for k, v in cfg.items() if k not in run_only}
+            if stage == "teacher":
+                c["warmup_steps"] = 0
+            key = json.dumps(c, sort_keys=True, default=str)
+            if key not in seen:
+                seen.add(key)
+                jobs.append(prepare_job(c))
+        ctx.runner.map(jobs)
+
+
+# ---------------------------------------------------------------------------------------------- statistics
+
+def mean_sd(xs: Sequence[Optional[float]]):
+    xs = [x for x in xs if x is not None and math.isfinite(x)]
+    if not xs:
+        return None, None, 0
+    return statistics.fmean(xs), (statistics.stdev(xs) if len(xs) > 1 else 0.0), len(xs)
+
+
+def fmt(xs, digits=3) -> str:
+    """``mean ± sd`` over seeds (``–`` without values)."""
+    m, s, n = mean_sd(xs)
+    if m is None:
+        return "–"
+    return f"{m:.{digits}f} ± {s:.{digits}f}" if n > 1 else f"{m:.{digits}f}"
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence]) -> str:
+    out = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    out += ["| " + " | ".join(str(c) for c in r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def first(history, name, n=5):
+    vals = [r[name] for r in history[:n] if r.get(name) is not None]
+    return statistics.fmean(vals) if vals else None
+
+
+def last(history, name, n=5):
+    vals = [r[name] for r in history[-n:] if r.get(name) is not None]
+    return statistics.fmean(vals) if vals else None
+
+
+def _fell(a0: float, a: float, ratio: float, floor: float) -> bool:
+    return a < ratio * a0 and a0 - a >= floor
+
+
+def fall_step(res: dict, ratio: float = 0.5, floor: float = 0.03) -> Optional[int]:
+    """The first step whose greedy evaluation fell below ``ratio`` × the accuracy the run started OPD with (and by at
+    least ``floor``): the periodic evaluations, then the final one. None when it never does."""
+    a0 = res.get("accuracy_before")
+    if a0 is None:
+        return None
+    evals = list(res.get("evals") or [])
+    if res.get("history") and res.get("accuracy_after") is not None:
+        evals.append((res["history"][-1]["step"], res["accuracy_after"]))
+    for step, a in evals:
+        if a is not None and _fell(a0, a, ratio, floor):
+            return step
+    return None
+
+
+def collapsed_run(res: dict, ratio: float = 0.5, floor: float = 0.03) -> bool:
+    """A run collapsed when its final greedy accuracy is below ``ratio`` × its accuracy at the start of OPD (and by
+    at least ``floor``): relative, because the warmed-up students of different seeds start far apart."""
+    a0, a1 = res.get("accuracy_before"), res.get("accuracy_after")
+    return a0 is not None and a1 is not None and _fell(a0, a1, ratio, floor)
+
+
+# ------------------------------------------------------------------------------------------------- figures
+
+def plt():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as pyplot
+    return pyplot
+
+
+def curve_band(ax, runs: Sequence[dict], metric: str, label: str, **kw):
+    """Mean over seeds of a per-step metric with a min–max band."""
+    series = [[(r["step"], r[metric]) for r in res["history"] if r.get(metric) is not None] for res in runs]
+    series = [s for s in series if s]
+    if not series:
+        return
+    n = min(len(s) for s in series)
+    xs = [p[0] for p in series[0][:n]]
+    cols = list(zip(*[[p[1] for p in s[:n]] for s in series]))
+    mean = [statistics.fmean(c) for c in cols]
+    line, = ax.plot(xs, mean, label=label, **kw)
+    if len(series) > 1:
+        ax.fill_between(xs, [min(c) for c in cols], [max(c) for c in cols], alpha=0.15, color=line.get_color())
+
+
+def eval_band(ax, runs, label, **kw):
+    """Greedy accuracy at the start, the periodic evaluations and the end, mean with a min–max band."""
+    series = []
+    for r in runs:
+        pts = [(-1, r["accuracy_before"])] + [tuple(e) for e in r.get("evals") or []]
+        if r["history"]:
+            pts.append((r["history"][-1]["step"], r["accuracy_after"]))
+        series.append(pts)
+    n = min(len(s) for s in series)
+    xs = [p[0] + 1 for p in series[0][:n]]
+    cols = list(zip(*[[p[1] for p in s[:n]] for s in series]))
+    mean = [sum(c) / len(c) for c in cols]
+    line, = ax.plot(xs, mean, label=label, marker="o", ms=2, **kw)
+    if len(series) > 1:
+        ax.fill_between(xs, [min(c) for c in cols], [max(c) for c in cols], alpha=0.15, color=line.get_color())
+
+
+def save(fig, ctx: Ctx, name: str) -> str:
+    path = ctx.fig_dir / name
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt().close(fig)
+    return f"replication/{name}"
+
+
+def timed(fn: Callable, *a, **k):
+    t0 = time.time()
+    out = fn(*a, **k)
+    return out, time.time() - t0
+
+
+def make_ctx(seeds, quick, out_dir, runner=None) -> Ctx:
+    """The context of a claim run alone (``runner`` None: one in this process, caching under the default cache
+    folder, or under ``out_dir`` in quick mode)."""
+    if runner is None:
+        cache = Path(out_dir) / ".cache" if quick else Path(os.environ.get(
+            "OPD_KERNELS_CACHE", REPO_ROOT / ".cache" / "opd_kernels"))
+        runner = Runner(str(cache), jobs=1, threads=1)
+    return Ctx(seeds=list(seeds), quick=quick, out_dir=Path(out_dir), runner=runner)
+
+
+# ------------------------------------------------------------------------------------- collapse detector
+
+MIN_START = 0.05     # a run that starts OPD below this accuracy cannot show a fall: not evaluable
+
+
+def detector_rows(runs: Sequence[tuple[str, dict]]) -> list[dict]:
+    """Per run (label, result): did the accuracy fall (a collapse), when; did the detector fire, when; lead.
+    Runs that start OPD with accuracy below ``MIN_START`` are marked not evaluable."""
+    out = []
+    for label, res in runs:
+        if (res.get("accuracy_before") or 0.0) < MIN_START:
+            out.append({"label": label, "collapsed": None, "fall_step": None,
+                        "detect_step": res.get("collapse_step"), "lead": None})
+            continue
+        fell = collapsed_run(res)
+        fs = fall_step(res) if fell else None
+        det = res.get("collapse_step")
+        lead = (fs - det) if (fell and det is not None and fs is not None) else None
+        out.append({"label": label, "collapsed": fell, "fall_step": fs, "detect_step": det, "lead": lead})
+    return out
+
+
+def detector_summary(rows: Sequence[dict]) -> tuple[str, str, bool]:
+    """A markdown table and a verdict line on the collapse detector over ``rows`` (``detector_rows``)."""
+    skipped = [r for r in rows if r["collapsed"] is None]
+    rows = [r for r in rows if r["collapsed"] is not None]
+    coll = [r for r in rows if r["collapsed"]]
+    stable = [r for r in rows if not r["collapsed"]]
+    before = [r for r in coll if r["lead"] is not None and r["lead"] > 0]
+    missed = [r for r in coll if r["detect_step"] is None]
+    late = [r for r in coll if r["lead"] is not None and r["lead"] <= 0]
+    false = [r for r in stable if r["detect_step"] is not None]
+    leads = [r["lead"] for r in coll if r["lead"] is not None]
+    tab = table(["runs", f"not evaluable (accuracy at start < {MIN_START})",
+                 "collapsing (final accuracy below half its start)", "flagged before the accuracy fell",
+                 "flagged late", "missed", "lead time, steps (mean ± sd, min)", "stable runs", "false alarms"],
+                [[len(rows) + len(skipped), len(skipped), len(coll), len(before), len(late), len(missed),
+                  (fmt(leads, 1) + f", min {min(leads)}") if leads else "–", len(stable), len(false)]])
+    ok = len(before) == len(coll) and not false
+    verdict = ("validated" if ok else "not validated") + (
+        f": {len(before)}/{len(coll)} collapsing runs flagged before their greedy accuracy fell below half its start"
+        + (f" (lead {fmt(leads, 1)} steps)" if leads else "")
+        + f", {len(false)}/{len(stable)} false alarms on stable runs")
+    if late or missed:
+        verdict += "; late or missed: " + ", ".join(f"{r['label']} (fell {r['fall_step']}, flagged {r['detect_step']})"
+                                                   for r in late + missed)
+    if false:
+        verdict += "; false alarms: " + ", ".join(f"{r['label']} (flagged {r['detect_step']})" for r in false[:6])
+    return tab, verdict, ok
+
+
+def num(x, digits=2) -> str:
+    """A number for prose (``–`` when missing)."""
+    return "–" if x is None or (isinstance(x, float) and not math.isfinite(x)) else f"{x:.{digits}f}"

@@ -1,0 +1,109 @@
+"""``python -m reference.replicate`` in ``--quick`` mode (tiny models and steps): every claim runs and produces its
+tables, figures and a verdict computed from the numbers; the report is assembled; the pieces the verdicts rest on
+(collapse / fall detection, the detector summary, the run cache) behave on hand-made inputs."""
+
+import json
+import re
+
+import pytest
+
+pytest.importorskip("transformers")
+pytest.importorskip("matplotlib")
+
+from reference.replicate import common as C  # noqa: E402
+from reference.replicate import report  # noqa: E402
+from reference.replicate.__main__ import main  # noqa: E402
+
+VERDICT = re.compile(r"^(reproduced|not reproduced|not testable|not measured)")
+
+
+@pytest.fixture(scope="module")
+def quick(tmp_path_factory):
+    """One quick runner shared by the claims (the tiny teacher is trained once)."""
+    out = tmp_path_factory.mktemp("replicate")
+    runner = C.Runner(str(out / ".cache"), jobs=1, threads=1)
+    yield out, runner
+    runner.close()
+
+
+@pytest.mark.parametrize("key", list(report.CLAIMS))
+def test_claim_quick(quick, key):
+    import importlib
+    out, runner = quick
+    mod = importlib.import_module(f"reference.replicate.claim_{key}")
+    res = mod.run([0], quick=True, out_dir=out, runner=runner)
+    assert set(res) >= {"title", "claim", "tables", "figures", "verdict", "wall_s"}
+    assert res["title"].startswith(f"({key})")
+    assert VERDICT.match(res["verdict"]), res["verdict"]
+    assert res["tables"] and all(t.startswith("| ") and "\n|---" in t for t in res["tables"])
+    for t in res["tables"]:                     # every row has as many cells as the header
+        lines = t.splitlines()
+        assert len({line.count(" | ") for line in lines if not line.startswith("|---")}) == 1, t
+    assert res["figures"]
+    for fig in res["figures"]:
+        path = out / fig
+        assert path.exists() and path.stat().st_size > 1000 and fig.endswith(".png")
+    json.dumps(res, default=str)
+
+
+def test_cli_quick_writes_report(tmp_path):
+    res = main(["a", "g", "--quick", "--out", str(tmp_path)])
+    assert set(res) == {"a", "g"}
+    md = (tmp_path / "replication.md").read_text()
+    for key in ("a", "g"):
+        assert res[key]["title"] in md and res[key]["verdict"] in md
+        assert (tmp_path / "replication" / f"claim_{key}.json").exists()
+    assert "python -m reference.replicate a g --quick" in md and "seeds [0]" in md and "commit" in md
+    for target in re.findall(r"!\[[^\]]*\]\(([^)]+)\)", md):
+        assert (tmp_path / target).exists(), target
+    main(["a", "--quick", "--out", str(tmp_path)])             # a rerun of one claim keeps the others
+    assert "(g)" in (tmp_path / "replication.md").read_text()
+    with pytest.raises(SystemExit):
+        main(["z", "--quick", "--out", str(tmp_path)])
+
+
+def _res(before, after, evals, steps=20, collapse_step=None):
+    return {"accuracy_before": before, "accuracy_after": after, "evals": evals,
+            "history": [{"step": i} for i in range(steps)], "collapse_step": collapse_step}
+
+
+def test_fall_step_and_collapse():
+    r = _res(0.33, 0.05, [(4, 0.30), (9, 0.15), (14, 0.06)])
+    assert C.collapsed_run(r) and C.fall_step(r) == 9
+    s = _res(0.33, 0.40, [(4, 0.30), (9, 0.35)])
+    assert not C.collapsed_run(s) and C.fall_step(s) is None
+    assert C.fall_step(_res(0.33, 0.1, [])) == 19               # only the final evaluation fell
+
+
+def test_detector_summary_counts():
+    rows = C.detector_rows([("early", _res(0.33, 0.0, [(9, 0.1)], collapse_step=6)),
+                            ("late", _res(0.33, 0.0, [(4, 0.1)], collapse_step=8)),
+                            ("missed", _res(0.33, 0.0, [(4, 0.1)])),
+                            ("stable", _res(0.33, 0.4, [(4, 0.35)])),
+                            ("false alarm", _res(0.33, 0.4, [(4, 0.35)], collapse_step=7))])
+    assert [r["lead"] for r in rows] == [3, -4, None, None, None]
+    assert C.detector_rows([("no skill", _res(0.01, 0.0, [], collapse_step=3))])[0]["collapsed"] is None
+    tab, verdict, ok = C.detector_summary(rows)
+    assert not ok and verdict.startswith("not validated") and "1/3" in verdict and "1/2 false alarms" in verdict
+    assert "late" in verdict and "missed" in verdict and "false alarm" in verdict
+    _, verdict, ok = C.detector_summary(rows[:1] + rows[3:4])
+    assert ok and verdict.startswith("validated")
+
+
+def test_fmt_and_mean_sd():
+    assert C.fmt([0.5, 0.7]) == "0.600 ± 0.141"
+    assert C.fmt([None]) == "–" and C.fmt([0.25]) == "0.250"
+    assert C.num(None) == "–" and C.num(float("nan")) == "–"
+
+
+def test_runner_caches_results(tmp_path):
+    r = C.Runner(str(tmp_path), jobs=1)
+    job = {"fn": "tests.test_replicate:_echo", "args": {"x": 3}}
+    assert r.map([job, job]) == [{"x": 3, "dir": r.job_dir(job)}] * 2 and r.executed == 1
+    r2 = C.Runner(str(tmp_path), jobs=1)
+    assert r2.map([job])[0]["x"] == 3 and r2.cached == 1 and r2.executed == 0
+    assert C.Runner(str(tmp_path), jobs=1, fresh=True).map([job]) and True
+
+
+def _echo(x, work_dir):
+    return {"x": x, "dir": work_dir}
