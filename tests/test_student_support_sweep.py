@@ -1,6 +1,8 @@
 """A student-side support (``Objective(support="student" | "teacher+student")``) and ``topk_overlap`` take the
-student's top-k, its logsumexp and (with stats) its entropy from ONE vocabulary sweep: the teacher top-K
-machinery run on the student's head. The loss's own logsumexp sweep must not run again."""
+student's top-k from the teacher top-K machinery run on the student's head, once. On the torch backend that
+sweep's logsumexp and (with stats) entropy serve the loss: the loss's own logsumexp sweep does not run. On Triton
+the top-K kernel's lse is ~2 ulp (fp32) less accurate than the logsumexp sweep's, which the tail / renorm terms
+amplify past the fp32 parity bar, so the loss sweeps once more there (documented in ``api._student_sweep``)."""
 
 import pytest
 import torch
@@ -47,7 +49,7 @@ def test_one_sweep_per_forward(backend, support, stats, monkeypatch):
                            teacher_scorer=scorer if own else None)
     loss = out[0] if stats else out
     loss.backward()
-    assert calls == {"lse_partials": 0, "teacher_topk": 1}, calls
+    assert calls == {"lse_partials": 0 if backend == "torch" else 1, "teacher_topk": 1}, calls
     ref = RO.objective_loss(hidden.detach().double().requires_grad_(), weight.detach().double(), *args,
                             divergence="jsd", support_mass="tail", beta=0.3, support=support,
                             student_k=4 if own else None, teacher_scorer=scorer if own else None, temperature=0.9,
