@@ -40,7 +40,7 @@ def _teachers(seed: int, params: dict, base: dict, work_dir: str) -> dict:
 
     from reference.trainer import Config, Trainer
     from reference.trainer.models import tiny_llama
-    from reference.trainer.task import CharTokenizer, ReverseTask
+    from reference.trainer.task import ReverseTask
     from reference.trainer.train import evaluate, sft
     C._quiet()
     t0 = time.time()
