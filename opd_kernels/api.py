@@ -434,10 +434,11 @@ def _student_sweep(objective, name, impl, h, weight, bias, ids, t, ignore, tempe
                 ids, t = s_ids, s_t
             else:
                 ids, t = torch.cat([ids, s_ids], 1), torch.cat([t, s_t], 1)
-    # On the torch backend the sweep's lse (and entropy, for stats) serves the loss: one sweep per forward. The
-    # Triton top-K kernel's lse is ~2 ulp (fp32) from the truth, against ~1 for the logsumexp sweep, and the tail /
-    # renorm terms amplify that past the fp32 parity bar, so the Triton loss runs its own logsumexp sweep too
-    # (measured in tests/test_objectives.py; a float64 call sweeps in float64 itself).
+    # On the torch backend the sweep's lse (and entropy, for stats) serves the loss: one sweep per forward. On
+    # Triton the loss runs its own logsumexp sweep too: with the top-K kernel's lse, log p = z − lse mixes two
+    # kernels' differently rounded dot products (gather.py's z vs the top-K tile's; up to ~1.7 ulp apart in the
+    # interpreter), which the tail / renorm terms amplified past the fp32 parity bar on a tested case
+    # (tests/test_objectives.py::test_triton_student_supports). A float64 call sweeps in float64 itself.
     reuse = name == "torch" and acc != torch.float64 and rows > 0
     sweep = (s_lse.to(acc), s_entropy[0].to(acc) if s_entropy else None) if reuse else None
     return ids.contiguous(), t.contiguous(), sweep, overlap

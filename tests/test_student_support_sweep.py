@@ -1,8 +1,8 @@
 """A student-side support (``Objective(support="student" | "teacher+student")``) and ``topk_overlap`` take the
 student's top-k from the teacher top-K machinery run on the student's head, once. On the torch backend that
 sweep's logsumexp and (with stats) entropy serve the loss: the loss's own logsumexp sweep does not run. On Triton
-the top-K kernel's lse is ~2 ulp (fp32) less accurate than the logsumexp sweep's, which the tail / renorm terms
-amplify past the fp32 parity bar, so the loss sweeps once more there (documented in ``api._student_sweep``)."""
+the loss sweeps once more (the top-K kernel's lse and the gathered logits are differently rounded fp32 dot
+products; documented in ``api._student_sweep``)."""
 
 import pytest
 import torch
