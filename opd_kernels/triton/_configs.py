@@ -258,6 +258,8 @@ TEACHER = {
 #: spill with it. sm_90: 128×256 spills (k = 256: 32 / 176 B on triton 3.6 / 3.9; k = 64: 8 B on 3.9); 128×128
 #: is spill-free for every KP class with and without ignore lists (3.6: 193–254 registers, 3.9: 176–254;
 #: 128 KiB shared, 1 CTA/SM). sm_80's 64×128 is spill-free as it is (3.6: 177–255, 3.9: 180–238).
+#: The entropy partial (``NEED_E``, the student's own sweep) takes the same overrides: at 128×256 the sm_90 k = 64
+#: class spills 8 B on triton 3.9 (255 registers; spill-free on 3.6).
 TEACHER_SOFTCAP: dict = {90: dict(BV=128), 80: {}}
 #: Interpreter plan: small tiles, 5 programs and groups of 2 row blocks, so that test problems cross row
 #: blocks, groups, segments and buffer merges.
@@ -267,20 +269,21 @@ TEACHER_INTERP = dict(BN=16, BV=64, BH=32, PART_W=1, num_warps=4, num_stages=1, 
 TEACHER_KEYS = frozenset(TEACHER[90]) | {"C", "RB", "programs", "group_rows"}
 
 
-def teacher_prod_tiles(kp: int, arch: int, softcap: bool = False) -> dict:
+def teacher_prod_tiles(kp: int, arch: int, softcap: bool = False, entropy: bool = False) -> dict:
     """Production teacher plan for ``KP = next_pow2(k)`` on compute capability ``arch``: the family's tiles,
     merge chunks of ``C = max(KP, 16)`` candidates per row (the buffer holds C plus a tile's worth) and
     ``RB = 4096 / C`` rows per merge step (a [RB, C] int64 block is 32 registers per thread at 8 warps);
-    ``programs`` / ``group_rows`` None = chosen by ``teacher_topk.launch_plan``."""
+    ``programs`` / ``group_rows`` None = chosen by ``teacher_topk.launch_plan``; ``softcap`` / ``entropy``: the
+    register-heavier epilogues take ``TEACHER_SOFTCAP``'s overrides."""
     tiles = dict(TEACHER[arch_family(arch)])
-    if softcap:
+    if softcap or entropy:
         tiles.update(TEACHER_SOFTCAP[arch_family(arch)])
     c = max(kp, 16)
     tiles.update(C=c, RB=min(tiles["BN"], max(1, 4096 // c)), programs=None, group_rows=None)
     return tiles
 
 
-def teacher_tiles(kp: int, device: torch.device, softcap: bool = False) -> dict:
+def teacher_tiles(kp: int, device: torch.device, softcap: bool = False, entropy: bool = False) -> dict:
     """Teacher launch plan on ``device`` (interpreter plan on CPU) with the ``teacher`` override applied;
     ``programs`` / ``group_rows`` None = chosen by ``teacher_topk.launch_plan``."""
     over = dict(_OVERRIDES.get("teacher", {}))
@@ -290,6 +293,6 @@ def teacher_tiles(kp: int, device: torch.device, softcap: bool = False) -> dict:
     if interpreting(device):
         tiles = dict(TEACHER_INTERP, C=max(kp, 32), RB=TEACHER_INTERP["BN"])
     else:
-        tiles = teacher_prod_tiles(kp, device_info(device)[0], softcap)
+        tiles = teacher_prod_tiles(kp, device_info(device)[0], softcap, entropy)
     tiles.update(over)
     return tiles

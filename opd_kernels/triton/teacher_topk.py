@@ -477,7 +477,7 @@ def teacher_topk(hidden, weight, bias, ignore_ids, token_ids, k: int, inv_tau: f
     if not 1 <= k <= MAX_K:
         raise ValueError(f"k must be in [1, {MAX_K}] for the Triton teacher kernel, got {k}")
     kp = _next_pow2(k)
-    cfg = _configs.teacher_tiles(kp, dev, softcap=softcap is not None)
+    cfg = _configs.teacher_tiles(kp, dev, softcap=softcap is not None, entropy=need_entropy)
     _check_plan(cfg, kp)
 
     ids = alloc((n, k), torch.long, dev, poison=-1)
@@ -557,7 +557,7 @@ def _spec(hidden_size: int, arch: int, dtype, k: int, ignore: bool, softcap: boo
     t = TL_DTYPE[dtype]
     p = "*" + t
     kp = _next_pow2(k)
-    c = _configs.teacher_prod_tiles(kp, arch, softcap)
+    c = _configs.teacher_prod_tiles(kp, arch, softcap, entropy)
     plan = launch_plan(PRODUCTION_SHAPE["N"], PRODUCTION_SHAPE["V"], hidden_size, 2, c, _SMS[arch_family(arch)])
     cap = buffer_capacity(c["C"], c["BV"])
     return CompileSpec(
