@@ -65,6 +65,19 @@ def objective_terms(spec, z_sel: torch.Tensor, lse: torch.Tensor | None, teacher
                           teacher_logprobs, valid)
 
 
+def _renormalized(z_sel, t, valid):
+    """``(log q, log u)`` ``[N, K]``: student logits and teacher log-probs renormalized over the valid slots (0 at
+    invalid ones; a row without a valid slot normalizes against 0 instead of −inf, its terms are masked)."""
+    zero = torch.zeros((), dtype=z_sel.dtype, device=z_sel.device)
+    neg_inf = torch.full((), float("-inf"), dtype=z_sel.dtype, device=z_sel.device)
+    any_valid = valid.any(-1, keepdim=True)
+    out = []
+    for x in (z_sel, t):
+        xs = torch.where(valid, x, neg_inf)
+        out.append(torch.where(valid, xs - torch.where(any_valid, xs.logsumexp(-1, keepdim=True), zero), zero))
+    return tuple(out)
+
+
 def slot_terms(variant: str, z_sel: torch.Tensor, lse: torch.Tensor | None,
                teacher_logprobs: torch.Tensor, valid: torch.Tensor):
     """Per-token loss and per-slot gradient coefficients.
@@ -96,13 +109,7 @@ def slot_terms(variant: str, z_sel: torch.Tensor, lse: torch.Tensor | None,
         student_mass = p.sum(-1)
 
     if variant == "renorm":
-        neg_inf = torch.full((), float("-inf"), dtype=z_sel.dtype, device=z_sel.device)
-        any_valid = valid.any(-1, keepdim=True)
-        zs = torch.where(valid, z_sel, neg_inf)
-        ts = torch.where(valid, t, neg_inf)
-        # rows without a valid slot: normalise against 0 instead of -inf (their terms are masked)
-        log_q = torch.where(valid, zs - torch.where(any_valid, zs.logsumexp(-1, keepdim=True), zero), zero)
-        log_u = torch.where(valid, ts - torch.where(any_valid, ts.logsumexp(-1, keepdim=True), zero), zero)
+        log_q, log_u = _renormalized(z_sel, t, valid)
         q = torch.where(valid, log_q.exp(), zero)
         kl = (q * (log_q - log_u)).sum(-1)
         g = torch.where(valid, q * (log_q - log_u - kl.unsqueeze(-1)), zero)
@@ -203,8 +210,7 @@ def composed_terms(divergence: str, support_mass: str, gradient: str, beta: floa
 
     Slot log-masses: ``"truncate"`` a = log p at the ids, b = t; ``"renorm"`` a, b renormalized over the valid
     slots; ``"tail"`` the slots plus a rest bucket ``a_R = log max(1 − Σ p, ε)``, ``b_R = log max(1 − Σ e^t, ε)``.
-    ``δ = ∂ℓ/∂a`` (``gradient="full"``) or the slot terms themselves (``"stopgrad"``: ``Σ sg(d) ∇a``) is chained
-    to the ids: truncate ``g = δ``; renorm ``g = δ − q Σ δ``; tail ``g = δ − δ_R p / p_R`` (no rest term when the
+    ``δ`` (:func:`_divergence_terms`: ``∂ℓ/∂a``, or its stop-gradient form) is chained to the ids: truncate ``g = δ``; renorm ``g = δ − q Σ δ``; tail ``g = δ − δ_R p / p_R`` (no rest term when the
     bucket is clamped)."""
     zero = torch.zeros((), dtype=z_sel.dtype, device=z_sel.device)
     t = torch.where(valid, teacher_logprobs, zero)
@@ -214,11 +220,7 @@ def composed_terms(divergence: str, support_mass: str, gradient: str, beta: floa
     if lse is not None:
         student_mass = torch.where(valid, (z_sel - lse.unsqueeze(-1)).exp(), zero).sum(-1)
     if support_mass == "renorm":
-        neg_inf = torch.full((), float("-inf"), dtype=z_sel.dtype, device=z_sel.device)
-        any_valid = valid.any(-1, keepdim=True)
-        zs, ts = torch.where(valid, z_sel, neg_inf), torch.where(valid, t, neg_inf)
-        a = torch.where(valid, zs - torch.where(any_valid, zs.logsumexp(-1, keepdim=True), zero), zero)
-        b = torch.where(valid, ts - torch.where(any_valid, ts.logsumexp(-1, keepdim=True), zero), zero)
+        a, b = _renormalized(z_sel, t, valid)
     else:
         if lse is None:
             raise ValueError(f"support_mass {support_mass!r} needs the student logsumexp")

@@ -32,7 +32,7 @@ import opd_kernels as ok
 from opd_kernels import Objective, _math
 from opd_kernels.objectives import PRESETS
 from reference import objectives as O
-from tests.utils import assert_bf16_close, assert_close, grads, leaf_copies, rel_err
+from tests.utils import assert_bf16_close, assert_close, grads, leaf_copies, mask_of, rel_err
 
 F64 = torch.float64
 DIVERGENCES = {"reverse": {}, "forward": {}, "jsd": {"beta": 0.3}, "mixed": {"alpha": 0.3}}
@@ -91,13 +91,7 @@ def _problem(seed, n=37, h=24, v=61, k=5, lead=None, with_bias=True, empty_slots
                 t_full=t_full.reshape(*shape, v))
 
 
-def _mask(kind, lead, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    if kind is None:
-        return None
-    if kind == "bool":
-        return torch.rand(lead, generator=g) > 0.3
-    return torch.rand(lead, generator=g) * 2.0 * (torch.rand(lead, generator=g) > 0.2)
+_mask = mask_of
 
 
 def _ignore_ids(p):

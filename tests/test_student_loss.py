@@ -17,18 +17,12 @@ import opd_kernels as ok
 from opd_kernels import _spec, _student, torch_backend
 from opd_kernels.api import fold_slots
 from reference import losses as R
-from tests.utils import assert_bf16_close, assert_close, grads, leaf_copies, make_problem
+from tests.utils import assert_bf16_close, assert_close, grads, leaf_copies, make_problem, mask_of
 
 VARIANTS = list(R.VARIANTS)
 
 
-def _mask(kind, lead, seed=1):
-    g = torch.Generator().manual_seed(seed)
-    if kind is None:
-        return None
-    if kind == "bool":
-        return torch.rand(lead, generator=g) > 0.3
-    return torch.rand(lead, generator=g) * 2.0 * (torch.rand(lead, generator=g) > 0.2)
+_mask = mask_of
 
 
 def _to(x, device):

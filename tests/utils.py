@@ -52,6 +52,16 @@ def assert_bf16_close(name, actual, baseline, truth, margin=2.0, floor=1e-3):
     return err, base
 
 
+def mask_of(kind, lead, seed=1):
+    """A token mask for tests: None, ``"bool"`` (≈70 % counted) or ``"float"`` (weights in [0, 2), ≈20 % zero)."""
+    g = torch.Generator().manual_seed(seed)
+    if kind is None:
+        return None
+    if kind == "bool":
+        return torch.rand(lead, generator=g) > 0.3
+    return torch.rand(lead, generator=g) * 2.0 * (torch.rand(lead, generator=g) > 0.2)
+
+
 def make_problem(n=37, h=48, v=1007, k=5, *, lead=None, seed=0, dtype=torch.float64, ids_dtype=torch.long,
                  with_bias=True, empty_slots=True, device="cpu"):
     """Fresh random student/teacher inputs in float64 (cast by the caller).
