@@ -81,13 +81,49 @@ def test_detector_summary_counts():
                             ("missed", _res(0.33, 0.0, [(4, 0.1)])),
                             ("stable", _res(0.33, 0.4, [(4, 0.35)])),
                             ("false alarm", _res(0.33, 0.4, [(4, 0.35)], collapse_step=7))])
-    assert [r["lead"] for r in rows] == [3, -4, None, None, None]
+    assert [r["lead"] for r in rows] == [4, -3, None, None, None]     # updates: fall step + 1 − detection step
     assert C.detector_rows([("no skill", _res(0.01, 0.0, [], collapse_step=3))])[0]["collapsed"] is None
+    # 0.055 cannot halve by the 0.03 floor: not evaluable; a dip below half that recovers still counts as a fall
+    assert C.detector_rows([("barely", _res(0.055, 0.0, [(4, 0.0)]))])[0]["collapsed"] is None
+    dip = C.detector_rows([("dip", _res(0.33, 0.30, [(4, 0.30), (9, 0.12), (14, 0.25)], collapse_step=9))])[0]
+    assert dip["collapsed"] and dip["fall_step"] == 9 and dip["lead"] == 1
+    # an explicit detector replaces the run's own collapse_step
+    assert C.detector_rows([("early", _res(0.33, 0.0, [(9, 0.1)]))], detect=lambda r: 2)[0]["lead"] == 8
     tab, verdict, ok = C.detector_summary(rows)
     assert not ok and verdict.startswith("not validated") and "1/3" in verdict and "1/2 false alarms" in verdict
     assert "late" in verdict and "missed" in verdict and "false alarm" in verdict
     _, verdict, ok = C.detector_summary(rows[:1] + rows[3:4])
     assert ok and verdict.startswith("validated")
+
+
+def _leak_history(n, start_leak=None):
+    """Per-step metrics of a run: steady, then (from ``start_leak``) mass leaving S and entropy rising."""
+    hist = []
+    for i in range(n):
+        m = {"step": i, "outside_mass": 0.45, "entropy": 1.6, "overlap": 0.55}
+        if start_leak is not None and i >= start_leak:
+            d = i - start_leak + 1
+            m.update(outside_mass=0.45 + 0.03 * d, entropy=1.6 + 0.06 * d, overlap=0.55 - 0.02 * d)
+        hist.append(m)
+    return hist
+
+
+def test_replay_leak_detector():
+    """The replayed detector is the trainer's: it fires when two leak signals hold against the first step and
+    stays quiet on a steady run (including a run whose entropy merely falls as it learns)."""
+    detect = C.replay("leak")
+    step = detect({"history": _leak_history(30, start_leak=5)})
+    assert step is not None and 5 <= step <= 8
+    assert detect({"history": _leak_history(30)}) is None
+    learning = [{"step": i, "outside_mass": 0.2 - 0.004 * i, "entropy": 1.6 - 0.02 * i, "overlap": 0.8 + 0.003 * i}
+                for i in range(30)]
+    assert detect({"history": learning}) is None
+    extras, rows = C.detector_extras([("leaks", {"accuracy_before": 0.3, "accuracy_after": 0.0, "evals": [(9, 0.05)],
+                                                 "history": _leak_history(30, start_leak=2)}),
+                                      ("steady", {"accuracy_before": 0.3, "accuracy_after": 0.3, "evals": [(9, 0.3)],
+                                                  "history": _leak_history(30)})])
+    assert [r["collapsed"] for r in rows] == [True, False] and rows[0]["lead"] >= 1 and rows[1]["detect_step"] is None
+    assert extras[0][2].startswith("validated") and "leak" in extras[0][0] and "fast" in extras[1][0]
 
 
 def test_fmt_and_mean_sd():

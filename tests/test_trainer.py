@@ -267,7 +267,9 @@ def _tiny_cfg(tmp_path, **kw):
     dict(mode="opd", objective="topk", variant="renorm", ignore_special=True, top_p=0.9, warmup_steps=0),
 ], ids=["opd-topk-accum", "opd-sampled", "opsd-system-prompt", "opd-renorm-nowarmup"])
 def test_modes_run_a_few_steps(tmp_path, kw):
-    summary = Trainer(_tiny_cfg(tmp_path, **kw)).run()
+    tr = Trainer(_tiny_cfg(tmp_path, **kw))
+    summary = tr.run()
+    assert tr.detector.signals == D.LEAK_SIGNALS and tr.detector.window == 1   # the default set; the window override
     assert summary["accuracy_before"] is not None and summary["accuracy_after"] is not None
     log = D.read_jsonl(summary["log"])
     steps = [r for r in log if r["phase"] == kw["mode"] and r["step"] >= 0 and "loss" in r]
@@ -464,7 +466,9 @@ def test_opsd_privileged_context_kinds(tmp_path, tok, kind):
 def test_grpo_mode_runs(tmp_path):
     with pytest.raises(ValueError, match="samples-per-prompt"):
         Trainer(_tiny_cfg(tmp_path, mode="grpo", samples_per_prompt=1))
-    s = Trainer(_tiny_cfg(tmp_path, mode="grpo", samples_per_prompt=3)).run()
+    tr = Trainer(_tiny_cfg(tmp_path, mode="grpo", samples_per_prompt=3))
+    s = tr.run()
+    assert tr.detector.signals == D.DEFAULT_SIGNALS      # no teacher: the leak signals do not exist in GRPO
     log = D.read_jsonl(s["log"])
     steps = [r for r in log if r["phase"] == "grpo" and r["step"] >= 0 and "loss" in r]
     assert len(steps) == 3
@@ -511,6 +515,33 @@ def test_fast_collapse_signals_and_detection_step():
     for i in range(30):
         det.update(_healthy(i))
     assert not det.collapsed
+
+
+def test_leak_detector_preset_and_baseline():
+    """``leak``: two of (mass outside S up, entropy up, overlap down) against the first step, 3-step window, at once."""
+    assert D.SIGNAL_SETS["leak"].baseline == 1 and D.SIGNAL_SETS["leak"].patience == 1
+    det = D.CollapseDetector.from_preset("leak")
+    base = {"outside_mass": 0.45, "entropy": 1.6, "overlap": 0.55}
+    assert det.update(base) == []                                  # the baseline step itself
+    assert det.update(dict(base, outside_mass=0.6)) == [               # one signal (mean of 2 steps: +0.075)
+        "collapse signal: outside_mass went up from 0.45 to 0.525"] and not det.collapsed
+    msgs = det.update(dict(base, outside_mass=0.6, entropy=1.9))     # entropy mean 1.7: +0.1 > max(0.08, 0.05)
+    assert det.collapsed and det.collapsed_at == 2 and msgs[-1].startswith("COLLAPSE: 2 signals")
+    # relative limit with an absolute floor: a near-zero start needs the floor (0.03), not 10 % of ~0
+    s = D.Signal("outside_mass", "up", 0.1, relative=True, floor=0.03)
+    assert s.limit(0.002) == 0.03 and s.limit(0.5) == pytest.approx(0.05)
+    det = D.CollapseDetector.from_preset("leak")
+    for i in range(40):                                            # a confident student: tiny, noisy changes
+        det.update({"outside_mass": 0.002 + 0.001 * (i % 3), "entropy": 0.03 + 0.02 * (i % 2), "overlap": 1.0})
+    assert not det.collapsed
+    # overrides; None keeps the preset's value; the old disjoint-window behaviour without a baseline
+    det = D.CollapseDetector.from_preset("leak", window=5, patience=None)
+    assert (det.window, det.patience, det.baseline, det.min_signals) == (5, 1, 1, 2)
+    assert D.CollapseDetector(window=3).update({"entropy": 1.0}) == []
+    with pytest.raises(ValueError, match="unknown signal set"):
+        D.CollapseDetector.from_preset("nope")
+    with pytest.raises(ValueError, match="≥ 1"):
+        D.CollapseDetector(window=0)
 
 
 def test_prefix_probe_structure(tok):

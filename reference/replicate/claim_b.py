@@ -122,9 +122,8 @@ def run(seeds, quick=False, out_dir="docs", runner=None) -> dict:
     tab3 = C.table(["support", "variant", "collapsed", *[n for _, n in SIGNATURES]], sig_rows)
 
     # detector validation
-    det_rows = C.detector_rows([(f"{lab}/{v}/lr {lr:g}/seed {s}", r) for (lab, v, lr), runs in res.items()
-                                for s, r in zip(ctx.seeds, runs)])
-    tab4, det_verdict, _ = C.detector_summary(det_rows)
+    extras, det_rows = C.detector_extras([(f"{lab}/{v}/lr {lr:g}/seed {s}", r) for (lab, v, lr), runs in res.items()
+                                          for s, r in zip(ctx.seeds, runs)])
 
     # verdict from the numbers
     paper = {}
@@ -203,8 +202,7 @@ def run(seeds, quick=False, out_dir="docs", runner=None) -> dict:
              "+1 term vanishes (claim a), so unnormalized is not run there.")
     return {"title": TITLE, "claim": CLAIM, "setup": setup, "tables": [tab1, tab2, tab3],
             "figures": [f1, f2], "verdict": verdict,
-            "extra": [("Collapse detector (`--collapse-signals fast --collapse-window 3 --collapse-patience 2`) "
-                       "on these runs", tab4, det_verdict)],
+            "extra": extras,
             "detector_rows": det_rows, "status": {f"{k[0]}|{k[1]}": v for k, v in status.items()},
             "notes": [], "wall_s": time.time() - t0}
 

@@ -23,7 +23,7 @@ CLAIM = ("On-policy self-distillation works when the privileged context is a rul
 ARMS = (("system", "shared rule (`reverse: ` for every example)"), ("answer", "per-example hint (the answer)"),
         ("none", "no privileged context (control)"))
 TEACHERS = (("frozen", True), ("live", False))     # the self-teacher: a frozen copy of the warmed model, or itself
-FULL = dict(mode="opsd", task="rules", student_size="teacher", warmup_steps=800, warmup_pool=4096, k=51,
+FULL = dict(mode="opsd", task="rules", student_size="teacher", warmup_steps=600, warmup_pool=4096, k=51,
             variant="stopgrad", lr=3e-4, opd_steps=60, eval_every=10)
 QUICK = dict(mode="opsd", task="rules", warmup_steps=2, k=51, variant="stopgrad", lr=3e-4)
 GAIN = 0.1          # "works": the student's accuracy without context rises by more than this (and 2 sd)

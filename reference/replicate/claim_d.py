@@ -55,9 +55,8 @@ def run(seeds, quick=False, out_dir="docs", runner=None) -> dict:
         rows.append(row)
     tab = C.table(["warm-up SFT steps", "accuracy at start", *[f"final, {v}" for v in VARIANTS],
                    "leak at start (tokens with c > 0)", "student entropy at start"], rows)
-    det_rows = C.detector_rows([(f"warm-up {w}/{v}/seed {s}", r) for (w, v), runs in res.items()
-                                for s, r in zip(ctx.seeds, runs)])
-    tab_det, det_verdict, _ = C.detector_summary(det_rows)
+    extras, det_rows = C.detector_extras([(f"warm-up {w}/{v}/seed {s}", r) for (w, v), runs in res.items()
+                                          for s, r in zip(ctx.seeds, runs)])
 
     longest, default = warmups[-1], (100 if 100 in warmups else warmups[0])
     stable_long = all(stab[(longest, v)] for v in VARIANTS)
@@ -106,5 +105,5 @@ def run(seeds, quick=False, out_dir="docs", runner=None) -> dict:
     setup = (f"Embedded task, top-16 teacher support, seeds {list(ctx.seeds)}, {ctx.base()['opd_steps']} OPD steps "
              "(lr 1e-3, 64 rollouts per step) after a student SFT warm-up of the given length on teacher answers.")
     return {"title": TITLE, "claim": CLAIM, "setup": setup, "tables": [tab], "figures": [f1], "verdict": verdict,
-            "extra": [("Collapse detector on these runs", tab_det, det_verdict)], "detector_rows": det_rows,
+            "extra": extras, "detector_rows": det_rows,
             "notes": notes, "wall_s": time.time() - t0}

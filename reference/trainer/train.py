@@ -92,9 +92,13 @@ class Config:
     grpo_std_norm: bool = True             # GRPO: divide the group-relative advantages by the group's std
     # diagnostics
     hedge_words: str = " wait, but, maybe"  # comma-separated
-    collapse_window: int = 10
-    collapse_patience: int = 5
-    collapse_signals: str = "default"      # diagnostics.SIGNAL_SETS: "default", or "fast" (short windows)
+    # the collapse detector: a diagnostics.SIGNAL_SETS preset ("leak", the default for opd / opsd: validated in
+    # docs/replication.md; "default", the default for grpo: no teacher; "fast") and overrides of its settings
+    collapse_signals: Optional[str] = None
+    collapse_window: Optional[int] = None
+    collapse_patience: Optional[int] = None
+    collapse_baseline: Optional[int] = None
+    collapse_min_signals: Optional[int] = None
     stop_on_collapse: bool = False
     eval_size: int = 256
     eval_every: int = 50
@@ -314,7 +318,7 @@ class Trainer:
             raise ValueError(f"opsd_context must be 'system', 'answer' or 'none', got {cfg.opsd_context!r}")
         if cfg.task not in ("reverse", "rules"):
             raise ValueError(f"task must be 'reverse' or 'rules', got {cfg.task!r}")
-        if cfg.collapse_signals not in D.SIGNAL_SETS:
+        if cfg.collapse_signals is not None and cfg.collapse_signals not in D.SIGNAL_SETS:
             raise ValueError(f"collapse_signals must be one of {sorted(D.SIGNAL_SETS)}, got {cfg.collapse_signals!r}")
         if not 0.0 < cfg.teacher_top_p <= 1.0:
             raise ValueError(f"teacher_top_p must be in (0, 1], got {cfg.teacher_top_p}")
@@ -552,8 +556,9 @@ class Trainer:
         cfg = self.cfg
         params = [p for p in self.student.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, betas=(0.9, 0.98))
-        detector = D.CollapseDetector(window=cfg.collapse_window, patience=cfg.collapse_patience,
-                                      signals=D.SIGNAL_SETS[cfg.collapse_signals])
+        detector = D.CollapseDetector.from_preset(
+            cfg.collapse_signals or ("default" if cfg.mode == "grpo" else "leak"), window=cfg.collapse_window,
+            patience=cfg.collapse_patience, baseline=cfg.collapse_baseline, min_signals=cfg.collapse_min_signals)
         what = "exact-match reward" if cfg.mode == "grpo" else f"{cfg.objective}/{cfg.variant}"
         bar = _bar(cfg.opd_steps, f"{cfg.mode.upper()} ({what})", cfg.progress)
         self.history = []
