@@ -48,6 +48,12 @@ def render(out_dir: Path) -> str:
         short = re.split(r"[:;(]", res["verdict"], maxsplit=1)[0].strip()
         lines.append(f"| [{res['title']}](#{_slug(res['title'])}) | {short} | "
                      f"{r['meta']['wall_s']:.0f} s |")
+    if len(results) > 1:
+        cmds = {r["meta"]["command"] for r in results.values()}
+        lines.append(f"| all claims above{' (one run)' if len(cmds) == 1 else ''} | | "
+                     f"{sum(r['meta']['wall_s'] for r in results.values()):.0f} s |")
+    lines += ["", "A claim's wall time includes the teachers and warm-ups it trained; the claims of one run share them "
+              "(a later claim reads what an earlier one trained from the cache: its *run* line counts those jobs)."]
     lines.append("")
     for key, r in results.items():
         res, meta = r["result"], r["meta"]
