@@ -403,7 +403,15 @@ def _student_sweep(objective, name, impl, h, weight, bias, ids, t, ignore, tempe
                          "(student_k, or K for topk_overlap)")
     tspec = build_spec(TeacherSpec, name, impl.TEACHER_SUPPORTED, get_options(), k=k_sweep, temperature=temperature,
                        logit_scale=logit_scale, softcap=softcap)
-    need_entropy = spec_needs_stats and name == "torch"
+    # On the torch backend the sweep's lse (and entropy, for stats) serves the loss: one sweep per forward; on
+    # Triton too with 16-bit inputs. With fp32 inputs on Triton the loss runs its own logsumexp sweep: with the top-K
+    # kernel's lse, log p = z − lse mixes two kernels' differently rounded fp32 dot products (gather.py's z vs the
+    # top-K tile's; up to ~1.7 ulp apart in the interpreter), which the tail / renorm terms amplified past the fp32
+    # parity bar (1e-5) on a tested case (tests/test_objectives.py::test_triton_student_supports); 16-bit inputs
+    # have exact products, and their parity band (bf16 PyTorch against float64) is far above that rounding. A
+    # float64 call sweeps in float64 itself.
+    reuse = acc != torch.float64 and rows > 0 and (name == "torch" or h.dtype in (torch.bfloat16, torch.float16))
+    need_entropy = spec_needs_stats and reuse
     with torch.no_grad():
         s_ids, s_lp, s_lse, _, *s_entropy = _ops.teacher_topk(name, h.detach(), weight.detach(),
                                                               None if bias is None else bias.detach(), ignore, None,
@@ -434,12 +442,6 @@ def _student_sweep(objective, name, impl, h, weight, bias, ids, t, ignore, tempe
                 ids, t = s_ids, s_t
             else:
                 ids, t = torch.cat([ids, s_ids], 1), torch.cat([t, s_t], 1)
-    # On the torch backend the sweep's lse (and entropy, for stats) serves the loss: one sweep per forward. On
-    # Triton the loss runs its own logsumexp sweep too: with the top-K kernel's lse, log p = z − lse mixes two
-    # kernels' differently rounded dot products (gather.py's z vs the top-K tile's; up to ~1.7 ulp apart in the
-    # interpreter), which the tail / renorm terms amplified past the fp32 parity bar on a tested case
-    # (tests/test_objectives.py::test_triton_student_supports). A float64 call sweeps in float64 itself.
-    reuse = name == "torch" and acc != torch.float64 and rows > 0
     sweep = (s_lse.to(acc), s_entropy[0].to(acc) if s_entropy else None) if reuse else None
     return ids.contiguous(), t.contiguous(), sweep, overlap
 

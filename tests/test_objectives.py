@@ -320,8 +320,9 @@ def test_triton_student_supports(triton_backend, device, monkeypatch, divergence
     assert [k for k in launches if k != 1] == [max(SKT, KT) if overlap else SKT]
 
 
+# the student-side supports reuse the top-K kernel's lse (and entropy) with 16-bit inputs: one sweep per forward
 LOW_PRECISION = [("jsd", "tail", "full", "teacher"), ("mixed", "renorm", "stopgrad", "teacher"),
-                 ("reverse", "truncate", "full", "student")]
+                 ("reverse", "truncate", "full", "student"), ("jsd", "tail", "stopgrad", "teacher+student")]
 
 
 @pytest.mark.parametrize("divergence,support_mass,gradient,support", LOW_PRECISION,
