@@ -731,9 +731,11 @@ def teacher(s: Shape, dev: Device, facts: dict) -> list[Row]:
         tile_s=2.0 * bn * bv * s.h / _sm_peak(dev, EFF["teacher"]) + epi_s, epi_s=epi_s)
     sn = slots * s.n
     cap = teacher_topk.buffer_capacity(c, bv)
-    glue = [_op("candidate buffers: torch.full", programs * bn * cap * 8), _op("part_m * ln2", sn * 8)] \
-        + [_op("merge_partials", sn * 8 + s.n * 4)] * 5 + [
-        _op("lse.copy_", s.n * 8), _op("permute(part_k).reshape", sn * kp * 16),
+    # the segments' (m₂, s) merge in float64 (one rounding of the lse to fp32)
+    glue = [_op("candidate buffers: torch.full", programs * bn * cap * 8), _op("part_m.double() / log2e", sn * 12),
+            _op("part_s.double()", sn * 12)] \
+        + [_op("merge_partials (float64)", sn * 16 + s.n * 8)] * 5 + [
+        _op("lse.copy_ (float64 → fp32)", s.n * 12), _op("permute(part_k).reshape", sn * kp * 16),
         Launch("topk over slots·KP keys", (), count=3, hbm=sn * kp * 8.0, l2=sn * kp * 8.0, torch_op=True,
                tensor=False)
     ] + [_op("decode keys", s.n * s.k * 16)] * 8 + [_op("ids/logprobs copy_", s.n * s.k * 24)] * 2

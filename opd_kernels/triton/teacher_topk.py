@@ -4,15 +4,21 @@ head it gives the student's own top-k and lse; the entropy is what its stats nee
 
 **Math.** Per row n, over the columns j of a run of vocabulary tiles:
 
-- ``lse``: online log-sum-exp in base 2, ``m ← max(m, max z₂)``, ``s ← s·2^(m_old−m) + Σ 2^(z₂−m)``,
-  ``z₂ = z·log₂e``; the runs' ``(m, s)`` are merged exactly (``_math.merge_partials``; natural = base 2 × ln 2).
-- Entropy (``NEED_E``; the default build carries nothing of it): ``e = Σ 2^(z₂−m)(z₂−m)`` next to ``s``, rescaled
-  online with it: when the max rises from m to m', ``Σ 2^(z₂−m')(z₂−m') = α (e + s (m − m'))`` with
-  ``α = 2^(m−m')``, plus the tile's ``Σ 2^(z₂−m')(z₂−m')`` (a ``−inf`` logit adds 0: ``z₂ − m'`` is clamped so
-  that ``0 · −inf`` is not NaN). Written per slot like ``(m, s)``; an empty slot is ``(−10³⁰, 0, 0)`` and merges
-  as nothing. In natural units ``e = e₂ ln 2`` (``z − m = (z₂ − m₂) ln 2``, ``2^(z₂−m₂) = e^(z−m)``), and
-  ``merge_partials(m₂ ln 2, s, e₂ ln 2)`` gives ``H = lse − Σ_j π_j z_j`` over the whole vocabulary (ignored
-  ids and ``−inf`` logits count as they count in ``lse``).
+- ``lse``: online log-sum-exp in base 2 against ``m₂ ← max(m₂, ⌈max z · log₂e⌉)`` (the product rounded up),
+  ``s ← s·2^(m₂_old−m₂) + Σ 2^d`` with ``d = z·log₂e − m₂`` rounded once: one FMA per element (the product is
+  not rounded first), so the error of ``d`` is relative to the small ``|d|`` of the terms that count; rounding
+  ``m₂`` up keeps ``d ≤ 0`` (``2^d ≤ 1``, and ``m₂ ≥ z·log₂e`` for every logit seen). The runs' ``(m₂, s)`` are
+  merged exactly in float64 (``_math.merge_partials``, natural ``m = m₂ / log₂e`` with the kernel's fp32
+  ``log₂e``), so the lse is rounded to fp32 once. (Past ``|max z| ≈ 7·10⁸`` the rounding up of ``m₂``, under one
+  of its ulps, can exceed 126 and every ``2^d`` underflow: such a run counts as empty, like one of ``−inf``
+  logits.)
+- Entropy (``NEED_E``; the default build carries nothing of it): ``e = Σ 2^d d`` next to ``s``, rescaled online
+  with it: when the max rises from m₂ to m₂', ``Σ 2^(d')d' = α (e + s (m₂ − m₂'))`` with ``α = 2^(m₂−m₂')``,
+  plus the tile's ``Σ 2^(d')d'`` (a ``−inf`` logit adds 0: ``d`` is clamped at ``−10³⁰`` so that ``0 · −inf``
+  is not NaN). Written per slot like ``(m₂, s)``; an empty slot is ``(−10³⁰, 0, 0)`` and merges as nothing. In
+  natural units ``e = e₂ / log₂e`` (``d = (z − m)·log₂e``, ``2^d = e^(z−m)`` up to the fp32 ``log₂e``), and
+  ``merge_partials(m₂ / log₂e, s, e₂ / log₂e)`` gives ``H = lse − Σ_j π_j z_j`` over the whole vocabulary
+  (ignored ids and ``−inf`` logits count as they count in ``lse``).
 - Order: a key ``(ord(z) << 32) | (2³¹−1 − j)`` (``ord``: the order-preserving int32 image of the float) is
   one int64 comparison that orders by value and, on equal values, prefers the lower id. A ``−inf`` logit is
   selectable as ``−FLT_MAX`` and reported as ``−inf``; ignored ids and columns ≥ V are never kept.
@@ -75,7 +81,7 @@ from triton.language.extra import libdevice
 
 from .. import _math
 from . import _configs, gather
-from ._common import (LN2, LOG2E, TL_DTYPE, alloc, arch_family, device_info, dot_precision, interpreting,
+from ._common import (LOG2E, TL_DTYPE, alloc, arch_family, device_info, dot_precision, interpreting,
                       logit_acc, tanh)
 from ._compile import PRODUCTION_SHAPE, CompileSpec
 
@@ -87,9 +93,36 @@ MAX_K = 256
 
 _MIN_KEY = tl.constexpr(-9223372036854775807 - 1)      # empty slot: below every packed key
 _NEG_MAX = tl.constexpr(-3.4028234663852886e38)          # -inf logits are selectable as −FLT_MAX
-_LOG2E = tl.constexpr(LOG2E)
+#: log₂e as the fp32 constant the kernel multiplies by (the host divides the base-2 partials by the same value)
+LOG2E_F32 = float(torch.tensor(LOG2E, dtype=torch.float32))
+_LOG2E = tl.constexpr(LOG2E_F32)
 _M_EMPTY = tl.constexpr(-1.0e30)                         # running max (base 2) of a row without columns
 _EMPTY = tl.constexpr(-1)                                # empty buffer entry: z bits 0xFFFFFFFF (NaN, never a hit)
+
+
+@triton.jit
+def _exp2_arg(z, m2, HW: tl.constexpr):
+    """``z·log₂e − m₂`` rounded once: on a GPU one FFMA (``mul`` + ``sub`` contracted by ptxas under Triton's
+    default fp fusion; an explicit ``tl.fma`` schedules worse), in the interpreter through float64."""
+    if HW:
+        return z * _LOG2E - m2
+    else:
+        return (z.to(tl.float64) * _LOG2E - m2.to(tl.float64)).to(tl.float32)
+
+
+@triton.jit
+def _log2e_up(x, HW: tl.constexpr):
+    """``x·log₂e`` rounded toward +inf (fp32), so that ``fma(z, log₂e, −x₂) ≤ 0`` for every ``z ≤ x``: a
+    ``mul.rp`` on a GPU; in the interpreter the float64 product (exact) rounded to nearest, then stepped up to
+    the next float when that fell below it."""
+    if HW:
+        return libdevice.mul_ru(x, tl.full(x.shape, _LOG2E, tl.float32))
+    else:
+        exact = x.to(tl.float64) * _LOG2E
+        x2 = exact.to(tl.float32)
+        bits = x2.to(tl.int32, bitcast=True)
+        up = tl.where(x2 < 0, bits - 1, bits + 1).to(tl.float32, bitcast=True)
+        return tl.where(x2.to(tl.float64) < exact, up, x2)
 
 
 @triton.jit
@@ -297,10 +330,10 @@ def _teacher_sweep_kernel(
     kcol = tl.arange(0, KP)                                            # [KP]
     buf_rows = buf_ptr + (pid * BN + offs_n).to(tl.int64) * CAP        # [BN] this program's candidate rows
 
-    m = tl.full([BN], _M_EMPTY, tl.float32)                            # running max of z·log2(e)
-    s = tl.zeros([BN], tl.float32)                                     # Σ 2^(z·log2(e) − m)
+    m = tl.full([BN], _M_EMPTY, tl.float32)                            # m₂: max z·log₂e, rounded up
+    s = tl.zeros([BN], tl.float32)                                     # Σ 2^d, d = z·log₂e − m₂
     if NEED_E:
-        e = tl.zeros([BN], tl.float32)                                 # Σ 2^(z₂ − m)(z₂ − m), z₂ = z·log₂e
+        e = tl.zeros([BN], tl.float32)                                 # Σ 2^d d
     thr = tl.full([BN], float("inf"), tl.float32)                      # value of the row's k-th best key
     fill = tl.zeros([BN], tl.int32)                                    # candidates buffered per row
     fresh = 1                                                          # no keys written in this segment yet
@@ -342,18 +375,18 @@ def _teacher_sweep_kernel(
             if partial:
                 z = tl.where(col_ok[None, :], z, float("-inf"))
 
-            # online log-sum-exp (base 2)
-            m_new = tl.maximum(m, tl.max(z, axis=1) * _LOG2E)
+            # online log-sum-exp in base 2 against m₂ = max z·log₂e rounded up (≥ every z·log₂e): one FMA per
+            # element, d = z·log₂e − m₂ ≤ 0 rounded once (relative to the small |d|: z·log₂e is not rounded on
+            # its own), p = 2^d ≤ 1
+            m_new = tl.maximum(m, _log2e_up(tl.max(z, axis=1), HW))    # [BN]
+            d = _exp2_arg(z, m_new[:, None], HW)                       # [BN, BV]
+            p = tl.exp2(d)                                             # [BN, BV]
+            alpha = tl.exp2(m - m_new)
             if NEED_E:
-                # entropy partial: Σ 2^(z₂−m')(z₂−m') = α (e + s (m − m')) + Σ_tile, α = 2^(m−m'). A −inf
-                # logit (bias, cut tile) has p = 0 and d = −inf: d is clamped so that it adds 0, not NaN.
-                alpha = tl.exp2(m - m_new)
-                d = z * _LOG2E - m_new[:, None]                        # [BN, BV] z₂ − m'
-                p = tl.exp2(d)                                         # [BN, BV]
+                # entropy partial: Σ 2^d'·d' = α (e + s (m₂ − m₂')) + Σ_tile p d, α = 2^(m₂−m₂'). A −inf logit
+                # (bias, cut tile) has p = 0 and d = −inf: d is clamped so that it adds 0, not NaN.
                 e = alpha * (e + s * (m - m_new)) + tl.sum(p * tl.maximum(d, _M_EMPTY), axis=1)
-                s = s * alpha + tl.sum(p, axis=1)
-            else:
-                s = s * tl.exp2(m - m_new) + tl.sum(tl.exp2(z * _LOG2E - m_new[:, None]), axis=1)
+            s = s * alpha + tl.sum(p, axis=1)
             m = m_new
 
             # running top-K. A hit beats its row's k-th best value (this tile's ids are larger, so equal
@@ -526,9 +559,11 @@ def teacher_topk(hidden, weight, bias, ignore_ids, token_ids, k: int, inv_tau: f
         HW=not interpreting(dev), KP=kp, C=c, CAP=cap, RB=cfg["RB"], PART_W=cfg["PART_W"], BN=bn, BV=bv, BH=bh,
         DOT_PREC=dot_precision(hidden.dtype), num_warps=cfg["num_warps"], num_stages=cfg["num_stages"])
 
-    # merge the segments: the base-2 partials m and e are natural ones scaled by ln 2 (z₂ − m₂ = (z − m) / ln 2,
-    # s is unit-free); top-k of all partial keys (unique → deterministic)
-    lse_m, ent = _math.merge_partials(part_m * LN2, part_s, None if part_e is None else part_e * LN2)
+    # merge the segments in float64, rounded to fp32 once: the base-2 partials are natural ones times log₂e (the
+    # kernel's fp32 constant: d = z·log₂e − m₂ = (z − m₂/log₂e)·log₂e, so m = m₂ / log₂e, e = e₂ / log₂e; s is
+    # unit-free); top-k of all partial keys (unique → deterministic)
+    lse_m, ent = _math.merge_partials(part_m.double() / LOG2E_F32, part_s.double(),
+                                      None if part_e is None else part_e.double() / LOG2E_F32)
     lse.copy_(lse_m)
     if need_entropy:
         entropy.copy_(ent)
