@@ -82,18 +82,22 @@ def test_detector_summary_counts():
                             ("stable", _res(0.33, 0.4, [(4, 0.35)])),
                             ("false alarm", _res(0.33, 0.4, [(4, 0.35)], collapse_step=7))])
     assert [r["lead"] for r in rows] == [4, -3, None, None, None]     # updates: fall step + 1 − detection step
-    assert C.detector_rows([("no skill", _res(0.01, 0.0, [], collapse_step=3))])[0]["collapsed"] is None
-    # 0.055 cannot halve by the 0.03 floor: not evaluable; a dip below half that recovers still counts as a fall
-    assert C.detector_rows([("barely", _res(0.055, 0.0, [(4, 0.0)]))])[0]["collapsed"] is None
+    assert [r["kind"] for r in rows] == ["collapsed"] * 3 + ["stable"] * 2
+    assert C.detector_rows([("no skill", _res(0.01, 0.0, [], collapse_step=3))])[0]["kind"] is None
+    # 0.055 cannot halve by the 0.03 floor: not evaluable
+    assert C.detector_rows([("barely", _res(0.055, 0.0, [(4, 0.0)]))])[0]["kind"] is None
+    # a dip below half that recovers: counted apart, with its lead, neither a collapse nor a false alarm
     dip = C.detector_rows([("dip", _res(0.33, 0.30, [(4, 0.30), (9, 0.12), (14, 0.25)], collapse_step=9))])[0]
-    assert dip["collapsed"] and dip["fall_step"] == 9 and dip["lead"] == 1
+    assert dip["kind"] == "dipped" and dip["fall_step"] == 9 and dip["lead"] == 1
     # an explicit detector replaces the run's own collapse_step
     assert C.detector_rows([("early", _res(0.33, 0.0, [(9, 0.1)]))], detect=lambda r: 2)[0]["lead"] == 8
     tab, verdict, ok = C.detector_summary(rows)
     assert not ok and verdict.startswith("not validated") and "1/3" in verdict and "1/2 false alarms" in verdict
     assert "late" in verdict and "missed" in verdict and "false alarm" in verdict
-    _, verdict, ok = C.detector_summary(rows[:1] + rows[3:4])
-    assert ok and verdict.startswith("validated")
+    _, verdict, ok = C.detector_summary(rows[:1] + rows[3:4] + [dip])
+    assert ok and verdict.startswith("validated") and "1/1 runs that dipped" in verdict
+    quiet_dip = C.detector_rows([("dip", _res(0.33, 0.30, [(9, 0.12)]))])
+    assert C.detector_summary(rows[:1] + quiet_dip)[2]                  # an unflagged dip does not fail it
 
 
 def _leak_history(n, start_leak=None):
@@ -122,7 +126,7 @@ def test_replay_leak_detector():
                                                  "history": _leak_history(30, start_leak=2)}),
                                       ("steady", {"accuracy_before": 0.3, "accuracy_after": 0.3, "evals": [(9, 0.3)],
                                                   "history": _leak_history(30)})])
-    assert [r["collapsed"] for r in rows] == [True, False] and rows[0]["lead"] >= 1 and rows[1]["detect_step"] is None
+    assert [r["kind"] for r in rows] == ["collapsed", "stable"] and rows[0]["lead"] >= 1 and rows[1]["detect_step"] is None
     assert extras[0][2].startswith("validated") and "leak" in extras[0][0] and "fast" in extras[1][0]
 
 

@@ -184,5 +184,8 @@ def run(seeds, quick=False, out_dir="docs", runner=None) -> dict:
              f"advantages). Large teacher: SFT on reference answers, evaluated every {P['large_every']} steps and "
              f"stopped at the small teacher's accuracy (at most {P['large_max']}). Student: {P['student_warmup']} SFT "
              f"steps on reference answers, then {base['opd_steps']} OPD steps (tail, top-16, lr 1e-3) from each.")
+    # the detector on these OPD runs (held out: its thresholds were chosen on claim (b)'s runs)
+    extras, det_rows = C.detector_extras([(f"{names[w]}/seed {s}", r) for w in WHICH
+                                          for s, r in zip(ctx.seeds, by[w])])
     return {"title": TITLE, "claim": CLAIM, "setup": setup, "tables": [tab, tab2], "figures": [f1],
-            "verdict": verdict, "notes": [], "wall_s": time.time() - t0}
+            "verdict": verdict, "extra": extras, "detector_rows": det_rows, "notes": [], "wall_s": time.time() - t0}
