@@ -210,8 +210,8 @@ def composed_terms(divergence: str, support_mass: str, gradient: str, beta: floa
 
     Slot log-masses: ``"truncate"`` a = log p at the ids, b = t; ``"renorm"`` a, b renormalized over the valid
     slots; ``"tail"`` the slots plus a rest bucket ``a_R = log max(1 − Σ p, ε)``, ``b_R = log max(1 − Σ e^t, ε)``.
-    ``δ`` (:func:`_divergence_terms`: ``∂ℓ/∂a``, or its stop-gradient form) is chained to the ids: truncate ``g = δ``; renorm ``g = δ − q Σ δ``; tail ``g = δ − δ_R p / p_R`` (no rest term when the
-    bucket is clamped)."""
+    ``δ`` (:func:`_divergence_terms`: ``∂ℓ/∂a``, or its stop-gradient form) is chained to the ids: truncate
+    ``g = δ``; renorm ``g = δ − q Σ δ``; tail ``g = δ − δ_R p / p_R`` (no rest term when the bucket is clamped)."""
     zero = torch.zeros((), dtype=z_sel.dtype, device=z_sel.device)
     t = torch.where(valid, teacher_logprobs, zero)
     teacher_p = torch.where(valid, t.exp(), zero)

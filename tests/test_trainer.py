@@ -463,6 +463,14 @@ def test_opsd_privileged_context_kinds(tmp_path, tok, kind):
     assert s["teacher_accuracy_before"] is not None
 
 
+def test_collapse_settings_checked_up_front(tmp_path):
+    with pytest.raises(ValueError, match="collapse_signals"):
+        Trainer(_tiny_cfg(tmp_path, collapse_signals="nope"))
+    for name in ("collapse_window", "collapse_patience", "collapse_baseline", "collapse_min_signals"):
+        with pytest.raises(ValueError, match=name):
+            Trainer(_tiny_cfg(tmp_path, **{name: 0}))
+
+
 def test_grpo_mode_runs(tmp_path):
     with pytest.raises(ValueError, match="samples-per-prompt"):
         Trainer(_tiny_cfg(tmp_path, mode="grpo", samples_per_prompt=1))

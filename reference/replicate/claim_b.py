@@ -164,20 +164,12 @@ def run(seeds, quick=False, out_dir="docs", runner=None) -> dict:
                     f"{'stable' if status[(full[0], 'stopgrad')] else 'collapses'}")
 
     # figures
-    plt = C.plt()
-    fig, axes = plt.subplots(1, len(labels), figsize=(3.3 * len(labels), 3), squeeze=False, sharey=True)
-    for ax, lab in zip(axes[0], labels):
-        for v in VARIANTS:
-            runs = res.get((lab, v, 1e-3))
-            if runs:
-                C.eval_band(ax, runs, v, color=COLORS[v])
-        ax.set_title(lab, fontsize=8)
-        ax.set_xlabel("OPD step", fontsize=8)
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("greedy accuracy (mean, min–max over seeds)", fontsize=8)
-    axes[0][0].legend(fontsize=7)
-    f1 = C.save(fig, ctx, "b_accuracy.png")
+    f1 = C.accuracy_panels(ctx, "b_accuracy.png",
+                           [(lab, [(v, res[(lab, v, 1e-3)], dict(color=COLORS[v])) for v in VARIANTS
+                                   if res.get((lab, v, 1e-3))]) for lab in labels],
+                           "greedy accuracy (mean, min–max over seeds)")
 
+    plt = C.plt()
     fig, axes = plt.subplots(1, 6, figsize=(19, 3), squeeze=False)
     lab0 = labels[0]
     metrics = [("stopgrad_leak", "leak: tokens with c > 0"), ("outside_mass", "student mass outside S")] + \

@@ -83,18 +83,10 @@ def run(seeds, quick=False, out_dir="docs", runner=None) -> dict:
              " and the best gains along the run " + ", ".join(f"{arm} {C.num(peak[(arm, t)], 3)}" for arm, t in live)
              + ": a run whose final gain is far below its best one rose and then collapsed (the teacher drifts with "
              "the student)."]
-    plt = C.plt()
-    fig, axes = plt.subplots(1, 2, figsize=(8.5, 3))
-    for (arm, t), rs in res.items():
-        C.eval_band(axes[0], rs, f"{arm}, {t}", ls="-" if t == "frozen" else "--")
-        C.curve_band(axes[1], rs, "kl", f"{arm}, {t}", ls="-" if t == "frozen" else "--")
-    axes[0].set_title("student accuracy without context", fontsize=8)
-    axes[1].set_title("per-token KL(student ‖ self-teacher)", fontsize=8)
-    for ax in axes:
-        ax.set_xlabel("OPSD step", fontsize=8)
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
-    f1 = C.save(fig, ctx, "c_opsd.png")
+    f1 = C.accuracy_kl_figure(ctx, "c_opsd.png", [(f"{arm}, {t}", rs, dict(ls="-" if t == "frozen" else "--"))
+                                                  for (arm, t), rs in res.items()],
+                              ("student accuracy without context", "per-token KL(student ‖ self-teacher)"),
+                              "OPSD step")
     b = ctx.base(**P)
     setup = (f"`--mode opsd --task rules`, seeds {list(ctx.seeds)}; the self-model is the {b['student_size']} size, "
              f"warmed up {b['warmup_steps']} SFT steps on the rule / hint / bare mixture; then {b['opd_steps']} OPSD "

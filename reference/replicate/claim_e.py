@@ -57,17 +57,9 @@ def run(seeds, quick=False, out_dir="docs", runner=None) -> dict:
         verdict = "reproduced only on " + (", ".join(agree) or "none") + "; they differ on " + \
             ", ".join(x for x in compared if x not in agree)
 
-    plt = C.plt()
-    fig, axes = plt.subplots(1, len(settings), figsize=(3.6 * len(settings), 3), squeeze=False, sharey=True)
-    for ax, (lab, _) in zip(axes[0], settings):
-        for v in ("stopgrad", "renorm"):
-            C.eval_band(ax, res[(lab, v)], v)
-        ax.set_title(lab, fontsize=8)
-        ax.set_xlabel("OPD step", fontsize=8)
-        ax.grid(alpha=0.3)
-    axes[0][0].set_ylabel("greedy accuracy", fontsize=8)
-    axes[0][0].legend(fontsize=7)
-    f1 = C.save(fig, ctx, "e_renorm_vs_stopgrad.png")
+    f1 = C.accuracy_panels(ctx, "e_renorm_vs_stopgrad.png",
+                           [(lab, [(v, res[(lab, v)], {}) for v in ("stopgrad", "renorm")]) for lab, _ in settings],
+                           "greedy accuracy", width=3.6)
     setup = (f"Seeds {list(ctx.seeds)}, {ctx.base()['opd_steps']} OPD steps; the same runs as claims (b) and (d) "
              "where the settings coincide (cached).")
     return {"title": TITLE, "claim": CLAIM, "setup": setup, "tables": [tab], "figures": [f1], "verdict": verdict,

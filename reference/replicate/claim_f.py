@@ -166,18 +166,9 @@ def run(seeds, quick=False, out_dir="docs", runner=None) -> dict:
                     f"{C.num(ta_l, 3)}" + ("" if similar else " -- not similar (|Δ| > 0.1), so the comparison is loose")
                     + f"; the same small teacher before GRPO gives {C.num(m0, 3)} (teacher accuracy "
                     f"{C.num(C.mean_sd([t['small_sft_accuracy'] for t in teach])[0], 3)})")
-    plt = C.plt()
-    fig, axes = plt.subplots(1, 2, figsize=(8.5, 3))
-    for which in WHICH:
-        C.eval_band(axes[0], by[which], names[which])
-        C.curve_band(axes[1], by[which], "kl", names[which])
-    axes[0].set_title("student greedy accuracy during OPD", fontsize=8)
-    axes[1].set_title("per-token KL to the teacher (tail, top-16)", fontsize=8)
-    for ax in axes:
-        ax.set_xlabel("OPD step", fontsize=8)
-        ax.grid(alpha=0.3)
-    axes[0].legend(fontsize=7)
-    f1 = C.save(fig, ctx, "f_rlvr_teacher.png")
+    f1 = C.accuracy_kl_figure(ctx, "f_rlvr_teacher.png", [(names[w], by[w], {}) for w in WHICH],
+                              ("student greedy accuracy during OPD", "per-token KL to the teacher (tail, top-16)"),
+                              "OPD step")
     setup = (f"Seeds {list(ctx.seeds)}. Small teacher: {P['small_sft']} SFT steps on reference answers, then "
              f"{P['grpo_steps']} GRPO steps (group {P['group']}, {P['grpo_prompts']} prompts per step, lr "
              f"{P['grpo_lr']:g}, exact-match reward, plain on-policy policy gradient with std-normalized group "

@@ -27,8 +27,8 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 HARNESS_VERSION = 1
 
 # The trainer settings of a full run: the embedded default (teacher 128-d, student 64-d, 100 warm-up steps, 64
-# rollouts per step, lr 1e-3) with 60 OPD steps, greedy evaluation (256 prompts) every 5 steps, the collapse
-# detector's sensitive signal set on 3-step windows, the warm-up cached.
+# rollouts per step, lr 1e-3) with 60 OPD steps, greedy evaluation (256 prompts) every 5 steps, the trainer's
+# default collapse detector (``leak``; the report replays detectors on the kept metrics anyway), the warm-up cached.
 FULL_BASE = dict(opd_steps=60, eval_every=5, eval_size=256, collapse_signals="leak", cache_warmup=True, progress=False,
                  plot=False)
 # --quick: micro models and a handful of steps (the harness is exercised, the numbers mean nothing).
@@ -348,6 +348,35 @@ def eval_band(ax, runs, label, **kw):
     line, = ax.plot(xs, mean, label=label, marker="o", ms=2, **kw)
     if len(series) > 1:
         ax.fill_between(xs, [min(c) for c in cols], [max(c) for c in cols], alpha=0.15, color=line.get_color())
+
+
+def accuracy_panels(ctx: Ctx, name: str, panels, ylabel: str, width: float = 3.3) -> str:
+    """One panel per ``(title, [(label, runs, plot keywords)])`` of greedy accuracy bands (``eval_band``) against the
+    OPD step, sharing the y axis; saved as ``name``."""
+    fig, axes = plt().subplots(1, len(panels), figsize=(width * len(panels), 3), squeeze=False, sharey=True)
+    for ax, (title, curves) in zip(axes[0], panels):
+        for label, runs, kw in curves:
+            eval_band(ax, runs, label, **kw)
+        ax.set_title(title, fontsize=8)
+        ax.set_xlabel("OPD step", fontsize=8)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel(ylabel, fontsize=8)
+    axes[0][0].legend(fontsize=7)
+    return save(fig, ctx, name)
+
+
+def accuracy_kl_figure(ctx: Ctx, name: str, curves, titles: tuple[str, str], xlabel: str) -> str:
+    """Two panels over ``[(label, runs, plot keywords)]``: greedy accuracy bands and the per-token ``kl`` bands."""
+    fig, axes = plt().subplots(1, 2, figsize=(8.5, 3))
+    for label, runs, kw in curves:
+        eval_band(axes[0], runs, label, **kw)
+        curve_band(axes[1], runs, "kl", label, **kw)
+    for ax, title in zip(axes, titles):
+        ax.set_title(title, fontsize=8)
+        ax.set_xlabel(xlabel, fontsize=8)
+        ax.grid(alpha=0.3)
+    axes[0].legend(fontsize=7)
+    return save(fig, ctx, name)
 
 
 def save(fig, ctx: Ctx, name: str) -> str:

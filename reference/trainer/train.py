@@ -320,6 +320,9 @@ class Trainer:
             raise ValueError(f"task must be 'reverse' or 'rules', got {cfg.task!r}")
         if cfg.collapse_signals is not None and cfg.collapse_signals not in D.SIGNAL_SETS:
             raise ValueError(f"collapse_signals must be one of {sorted(D.SIGNAL_SETS)}, got {cfg.collapse_signals!r}")
+        for name in ("collapse_window", "collapse_patience", "collapse_baseline", "collapse_min_signals"):
+            if getattr(cfg, name) is not None and getattr(cfg, name) < 1:       # before the teacher trains
+                raise ValueError(f"{name} must be ≥ 1, got {getattr(cfg, name)}")
         if not 0.0 < cfg.teacher_top_p <= 1.0:
             raise ValueError(f"teacher_top_p must be in (0, 1], got {cfg.teacher_top_p}")
         if cfg.objective not in ("topk", "sampled"):
