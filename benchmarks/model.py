@@ -533,9 +533,10 @@ BLOCKED_COMPILED = {"dz": (229, 196640), "gemm_dh": (220, 196640), "gemm_dw": (2
 EFF_BLOCKED = dict(dz=EFF["fwd"], gemm=EFF["fwd"])
 
 
-def blocked_plan(n: int, vocab: int, hdim: int, arch: int = 90, dtype=torch.bfloat16) -> dict:
-    """``blocked_bwd.plan`` at production tiles: row chunk, vocabulary block, the tiles of the three kernels."""
-    p = blocked_bwd.plan(n, vocab, hdim, dtype, torch.device("cuda"), arch=arch)
+def blocked_plan(n: int, vocab: int, hdim: int, arch: int = 90, dtype=torch.bfloat16, sms: int = 132) -> dict:
+    """``blocked_bwd.plan`` at production tiles on ``sms`` SMs: row chunk, vocabulary block, the tiles of the
+    three kernels."""
+    p = blocked_bwd.plan(n, vocab, hdim, dtype, torch.device("cuda"), arch=arch, sms=sms)
     p["row_chunks"], p["vocab_blocks"] = cdiv(n, p["rows"]), cdiv(vocab, p["cols"])
     return p
 
@@ -560,7 +561,7 @@ def student_blocked(s: Shape, dev: Device) -> list[Row]:
     and the grad_W GEMM; then the glue (slot sort, casts). Deterministic by construction: the
     ``deterministic`` option runs the same plan."""
     e = s.elt
-    p = blocked_plan(s.n, s.v, s.h, dev.arch, s.torch_dtype)
+    p = blocked_plan(s.n, s.v, s.h, dev.arch, s.torch_dtype, dev.sms)
     rows, cols, d = p["rows"], p["cols"], p["dz"]
     bn, bv, warps = d["BN"], d["BV"], d["num_warps"]
     occ = {k: ctas_per_sm(BLOCKED_COMPILED[k][0], p[k]["num_warps"] if k != "dz" else warps, BLOCKED_COMPILED[k][1])

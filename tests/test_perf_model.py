@@ -187,7 +187,8 @@ class _Recorder:
 
 
 def _trace(s: M.Shape, monkeypatch):
-    """Launch plan of the real launchers at shape ``s`` with production tiles and 2·132 target programs."""
+    """Launch plan of the real launchers at shape ``s`` with production tiles and 132 target programs (an H100
+    at the compiled 1 CTA/SM)."""
     log = []
     for mod, attr, name in ((gather, "_gather_logits_kernel", "gather"),
                             (blocked_bwd, "_dz_kernel", "dz"), (blocked_bwd, "_gemm_acc_kernel", "gemm"),
@@ -203,7 +204,7 @@ def _trace(s: M.Shape, monkeypatch):
     prod = {k: _configs.student_prod_tiles(k, 90, dt) for k in ("fwd", "gather", "dz", "bounds", "gemm_dh", "gemm_dw")}
     teacher = dict(_configs.teacher_prod_tiles(triton_pow2(s.k), 90), TMA=False)
     out = {}
-    with _configs.overrides(programs=2 * 132, teacher=teacher, **prod):
+    with _configs.overrides(programs=132, teacher=teacher, **prod):
         gather.gather_logits(h, w, None, ids, 1.0)
         start = len(log)
         blocked_bwd.input_grads(h, w, None, ids, vec, torch.empty(s.n, s.k, device=meta), 1.0, True, True, False, None)

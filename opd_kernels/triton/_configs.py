@@ -113,10 +113,25 @@ STUDENT_INTERP = dict(
     gemm_dw=dict(BM=32, BN=32, BK=16, GROUP=2, num_warps=4, num_stages=1, TMA=True),
 )
 
-#: Plan limits of the blocked backward (overridable): the ``dz`` block in the input dtype and the fp32 grad_h
-#: row chunk (at H = 4096, bf16: 1920 rows × 8192 vocabulary columns). 2 × 30 MiB leaves 4 MiB of the
-#: 64 MiB budget for the O(N) vectors, tile flags and live lists (issue 9: extra ≤ N·K·16 B + 64 MiB).
-LIMITS = dict(dz_block_bytes=30 * 2**20, gh_chunk_bytes=30 * 2**20)
+#: Plan limits of the blocked backward (overridable): the ``dz`` block in the input dtype, the fp32 grad_h
+#: row chunk, and the two together (``block_bytes``). Within them ``blocked_bwd.plan`` picks the block shape
+#: with the fewest modelled wave tails (at H = 4096, bf16 on 132 SMs: 2048 rows × 6144 vocabulary columns,
+#: 32 + 24 MiB). 58 MiB leaves 6 MiB of the 64 MiB budget for the run-bounds table (≤ 2.4 MiB), the O(N)
+#: vectors, a bias's [V] sums, tile flags and live lists (issue 9: extra ≤ N·K·16 B + 64 MiB; the sorted
+#: slots take N·K·8 B of the N·K·16 B).
+LIMITS = dict(dz_block_bytes=32 * 2**20, gh_chunk_bytes=32 * 2**20, block_bytes=58 * 2**20)
+#: CTAs per SM of the blocked backward's kernels at the production tiles, per (arch family, input class): the
+#: dz kernel's and the two GEMMs' (the fewest over their plain, skip-list and soft-capped builds; triton 3.6,
+#: ``python -m opd_kernels.compile_check --kernel student_bwd``, checked against a fresh build by
+#: tests/test_bwd_plan.py). The plan sizes its waves with them.
+BLOCKED_CTAS_PER_SM = {
+    (90, "bf16"): dict(dz=1, gemm=1), (90, "fp32"): dict(dz=2, gemm=4), (90, "tf32"): dict(dz=3, gemm=4),
+    (80, "bf16"): dict(dz=1, gemm=1), (80, "fp32"): dict(dz=2, gemm=4), (80, "tf32"): dict(dz=2, gemm=4),
+}
+#: The plan's cost constants (an H100-class SM; only their ratios steer the choice): multiply-adds per second
+#: per SM in a GEMM main loop (989 TFLOP/s × 0.66 / 132 / 2), bytes per second per SM for a tile's output
+#: read-modify-write (8 TB/s of L2 over 132 SMs), the gap between dependent launches.
+PLAN_COST = dict(sm_macs=2.47e12, sm_bytes=60e9, launch_s=4e-6)
 
 _OVERRIDES: dict = {}
 
@@ -193,6 +208,11 @@ def fwd_ctas_per_sm(arch: int, dtype=torch.bfloat16, allow_tf32=None, need_entro
     if softcap and key in FWD_CTAS_PER_SM_SOFTCAP:
         return FWD_CTAS_PER_SM_SOFTCAP[key]
     return FWD_CTAS_PER_SM[key]
+
+
+def blocked_ctas_per_sm(arch: int, dtype=torch.bfloat16, allow_tf32=None) -> dict:
+    """``{"dz": …, "gemm": …}``: CTAs per SM of the blocked backward's kernels (``BLOCKED_CTAS_PER_SM``)."""
+    return dict(BLOCKED_CTAS_PER_SM[(arch_family(arch), fwd_class(dtype, allow_tf32))])
 
 
 def sweep_splits(n_row_blocks: int, n_tiles: int, slots: int,

@@ -6,7 +6,9 @@ Per token n, with ``π = softmax(z)``, ``c_n = Σ_k g_nk`` and ``gs_nk = g_nk / 
     grad_h = dz W,    grad_W = dzᵀ h,    grad_b = Σ_n dz
 
 Design (the static review's §7c). The rows are cut into chunks of ``Nr`` and the vocabulary into blocks of
-``Vc``; for every (row chunk r, vocabulary block v), in order:
+``Vc`` (:func:`plan`: within the memory limits, the shape whose launches end on full waves of the GPU's SMs ×
+the kernels' compiled CTAs/SM; 2048 × 6144 at H = 4096, bf16 on 132 SMs); for every (row chunk r, vocabulary
+block v), in order:
 
 1. ``_dz_kernel`` recomputes the logits tile by tile (``h_r W_vᵀ``, fp32 accumulation) and its epilogue
    writes ``dz`` for the block in the input dtype, **with the sparse terms folded in**: each row's slots are
@@ -28,8 +30,8 @@ Design (the static review's §7c). The rows are cut into chunks of ``Nr`` and th
 
 Why this design: every reduction is owned, so there is no atomic (no fence, no contention) and the result
 is deterministic by construction (the ``deterministic`` option costs nothing); the extra memory is bounded by
-the plan limits, independent of V: one ``dz`` block (``dz_block_bytes``, 30 MiB) + one fp32 grad_h chunk
-(``gh_chunk_bytes``, 30 MiB) + the row-sorted slots (N·K·8 B) + O(N) vectors + ``[V]`` fp32 grad_b with a bias
+the plan limits, independent of V: one ``dz`` block (``dz_block_bytes``, ≤ 32 MiB) + one fp32 grad_h chunk
+(``gh_chunk_bytes``, ≤ 32 MiB; both together ≤ ``block_bytes``, 58 MiB) + the row-sorted slots (N·K·8 B) + O(N) vectors + ``[V]`` fp32 grad_b with a bias
 (``tests/test_memory_plan.py`` accounts every allocation at full size). The cost is three
 GEMM-equivalents (recompute + two gradients), all on tensor cores (TMA descriptor loads on sm_90), plus the
 ``dz`` block round trip (written once, read twice), against a fused design whose per-tile global reductions
@@ -42,6 +44,9 @@ Variants without a dense part (``renorm``) do not come here: their gradient is K
 """
 
 from __future__ import annotations
+
+import functools
+import math
 
 import torch
 import triton
@@ -285,11 +290,18 @@ def _gemm_acc_kernel(
 # ------------------------------------------------------------------------------------------------ launcher
 
 def plan(n: int, vocab: int, hdim: int, dtype, device: torch.device, arch: int | None = None,
-         softcap: bool = False) -> dict:
-    """Row chunk ``rows`` and vocabulary block ``cols`` (multiples of the dz tile; the fp32 grad_h chunk ≤
-    ``gh_chunk_bytes``, the dz block ≤ ``dz_block_bytes``) and the tiles of the kernels (on
-    ``device``, or the production tiles of compute capability ``arch`` when given; ``softcap``: the
-    soft-capped variant's)."""
+         softcap: bool = False, sms: int | None = None) -> dict:
+    """Row chunk ``rows`` and vocabulary block ``cols`` (multiples of the dz tile) and the tiles of the
+    kernels (on ``device``, or the production tiles of compute capability ``arch`` on ``sms`` SMs — default
+    132 — when ``arch`` is given; ``softcap``: the soft-capped variant's).
+
+    Limits (``_configs.LIMITS``, overridable): the fp32 grad_h chunk ``rows·H·4 ≤ gh_chunk_bytes``, the dz
+    block ``rows·cols·elt ≤ dz_block_bytes``, both together ``≤ block_bytes``. Within them the shape with
+    the least modelled time (:func:`_plan_seconds`: every launch's waves of resident programs, SMs × the
+    compiled CTAs/SM of ``_configs.BLOCKED_CTAS_PER_SM``, so no wave is mostly empty; the launch gaps; the
+    output read-modify-writes, which favour long GEMM K loops). Candidates: every row chunk, and for each the
+    widest block plus the widths that end a dz or grad_W launch on a full wave. In the interpreter (8
+    resident programs) the largest blocks win, as the launch gaps dominate tiny tiles."""
     def tiles(kernel):
         if arch is not None:
             return _configs.student_prod_tiles(kernel, arch, dtype, softcap=softcap)
@@ -299,11 +311,83 @@ def plan(n: int, vocab: int, hdim: int, dtype, device: torch.device, arch: int |
     if bn % dh_cfg["BM"] or bv % dh_cfg["BK"] or bv % dw_cfg["BM"] or bn % dw_cfg["BK"]:
         raise ValueError(f"GEMM tiles must divide the dz tile: dz {bn}x{bv}, gemm_dh {dh_cfg}, gemm_dw {dw_cfg}")
     elem = torch.finfo(dtype).bits // 8
-    rows = max(bn, _configs.limit("gh_chunk_bytes") // (hdim * 4) // bn * bn)
-    rows = min(rows, triton.cdiv(max(n, 1), bn) * bn)
-    cols = max(bv, _configs.limit("dz_block_bytes") // (rows * elem) // bv * bv)
-    cols = min(cols, triton.cdiv(vocab, bv) * bv)
+    if arch is not None:
+        ctas = _configs.blocked_ctas_per_sm(arch, dtype)
+        slots = {k: (132 if sms is None else sms) * c for k, c in ctas.items()}
+    else:
+        ctas = _configs.blocked_ctas_per_sm(device_info(device)[0], dtype)
+        slots = {k: _configs.target_programs(device, c) for k, c in ctas.items()}
+    limits = tuple(_configs.limit(k) for k in ("gh_chunk_bytes", "dz_block_bytes", "block_bytes"))
+    geometry = ((bn, bv), (dh_cfg["BM"], dh_cfg["BN"]), (dw_cfg["BM"], dw_cfg["BN"]))
+    rows, cols = _choose_blocks(-(-max(n, 1) // bn) * bn, vocab, hdim, elem, geometry, (slots["dz"], slots["gemm"]),
+                                (ctas["dz"], ctas["gemm"]), limits)
     return dict(rows=rows, cols=cols, dz=dz_cfg, bounds=tiles("bounds"), gemm_dh=dh_cfg, gemm_dw=dw_cfg)
+
+
+def _plan_seconds(n, vocab, hdim, elem, rows, cols, geometry, slots, ctas) -> float:
+    """Modelled seconds of the blocked backward with ``rows × cols`` blocks (``_configs.PLAN_COST``, an
+    H100-class SM; only the ranking matters): per block, each of the dz kernel and the two GEMMs takes
+    ``⌈tiles / slots⌉`` waves of ``CTAs/SM × tile time`` (tile time: its multiply-adds, plus for the GEMMs
+    the output tile's read-modify-write), plus one launch gap each; one more gap per row chunk (run bounds)."""
+    (bn, bv), (mh, nh), (mw, nw) = geometry
+    c = _configs.PLAN_COST
+    macs, nbytes, gap = c["sm_macs"], c["sm_bytes"], c["launch_s"]
+
+    def block(nr, nc, acc_h, acc_w):
+        launches = (   # (tiles, resident programs, CTAs/SM, seconds per tile)
+            (-(-nr // bn) * -(-nc // bv), slots[0], ctas[0], bn * bv * hdim / macs),
+            (-(-nr // mh) * -(-hdim // nh), slots[1], ctas[1], mh * nh * (nc / macs + 4 * (1 + acc_h) / nbytes)),
+            (-(-nc // mw) * -(-hdim // nw), slots[1], ctas[1], mw * nw * (nr / macs + elem * (1 + acc_w) / nbytes)))
+        return sum(-(-tiles // slot) * cta * tile_s + gap for tiles, slot, cta, tile_s in launches)
+
+    q_r, rem_r = divmod(n, rows)
+    q_c, rem_c = divmod(vocab, cols)
+    chunks = [(rows, 1, 0)] * min(q_r, 1) + [(rows, q_r - 1, 1)] * (q_r > 1) + [(rem_r, 1, int(q_r > 0))] * (rem_r > 0)
+    total, n_chunks = 0.0, q_r + (rem_r > 0)
+    for nr, count, acc_w in chunks:
+        # the first block of a chunk starts its grad_h rows, the first chunk starts grad_W
+        t = block(nr, cols if q_c else rem_c, 0, acc_w)
+        if q_c > 1:
+            t += (q_c - 1) * block(nr, cols, 1, acc_w)
+        if q_c and rem_c:
+            t += block(nr, rem_c, 1, acc_w)
+        total += count * t
+    return total + n_chunks * gap
+
+
+@functools.lru_cache(maxsize=1024)
+def _choose_blocks(n, vocab, hdim, elem, geometry, slots, ctas, limits) -> tuple[int, int]:
+    """``(rows, cols)`` of :func:`plan`: the candidate with the least :func:`_plan_seconds` (the larger block
+    on ties within 0.1 %). ``n`` comes rounded up to the dz tile (one cached choice per 128 tokens)."""
+    (bn, bv), _, (mw, nw) = geometry
+    gh_cap, dz_cap, both_cap = limits
+    max_rows = -(-n // bn) * bn
+    max_cols = -(-vocab // bv) * bv
+    row_cap = max(bn, min(max_rows, gh_cap // (hdim * 4) // bn * bn))
+    best, best_t = None, math.inf
+    for rows in range(bn, row_cap + 1, bn):
+        room = min(dz_cap, both_cap - rows * hdim * 4) // (rows * elem)
+        widest = min(max_cols, room // bv * bv)
+        if widest < bv:
+            if rows > bn:
+                continue
+            widest = bv
+        cand = {widest}
+        tm = -(-rows // bn)
+        waves_dz = -(-(tm * -(-widest // bv)) // slots[0])
+        for w in range(1, waves_dz + 1):                       # dz launches ending on a full wave
+            cand.add(max(1, w * slots[0] // tm) * bv)
+        tw = -(-hdim // nw)
+        waves_dw = -(-(-(-widest // mw) * tw) // slots[1])
+        for w in range(1, waves_dw + 1):                       # grad_W launches ending on a full wave
+            cand.add(max(bv, (w * slots[1] // tw) * mw // bv * bv))
+        for cols in sorted(cand, reverse=True):
+            if cols > widest:
+                continue
+            t = _plan_seconds(n, vocab, hdim, elem, rows, cols, geometry, slots, ctas)
+            if t < best_t * (1 - 1e-3):
+                best, best_t = (rows, cols), t
+    return best
 
 
 def _tma_ok(*tensors) -> bool:
