@@ -45,6 +45,16 @@ class Options:
     filter_eps: float | None = None
     #: Triton backend: no atomics whose order changes results (bitwise reproducible gradients).
     deterministic: bool = False
+    #: Triton backend: the backward walks the vocabulary by decreasing average logit (cut-cross-entropy's
+    #: ordering; one GEMV per call) so that the tiles left below ``filter_eps`` cluster and more are skipped.
+    #: Same gradient up to summation order; the weight rows then load through pointers instead of TMA, so it
+    #: pays only where the filter skips many tiles (real, peaked distributions; not random logits).
+    sort_vocab: bool = False
+
+    def __post_init__(self):
+        for name in ("check_values", "drop_masked_rows", "deterministic", "sort_vocab"):
+            if not isinstance(getattr(self, name), bool):
+                raise TypeError(f"option {name} must be a bool, got {getattr(self, name)!r}")
 
 
 _FIELDS = frozenset(f.name for f in dataclasses.fields(Options))

@@ -12,7 +12,7 @@ Two kinds of field:
 - **math** fields change what is computed (``variant``, ``temperature``); an unsupported non-default value
   is a ``ValueError`` naming the backend and the field.
 - **tuning** fields are process-wide hints from :class:`opd_kernels.Options` (``deterministic``,
-  ``filter_eps`` for the Triton kernels; ``chunk_size``, ``memory_budget_bytes`` for the chunked PyTorch
+  ``filter_eps``, ``sort_vocab`` for the Triton kernels; ``chunk_size``, ``memory_budget_bytes`` for the chunked PyTorch
   backend). ``api.py`` fills them only for a backend that declares them, so a global option never breaks a
   call that lands on a backend without it.
 """
@@ -26,7 +26,7 @@ from typing import NamedTuple, Optional
 import torch
 
 #: Fields filled from the global options, only for backends that declare them.
-TUNING_FIELDS = ("deterministic", "filter_eps", "chunk_size", "memory_budget_bytes")
+TUNING_FIELDS = ("deterministic", "filter_eps", "sort_vocab", "chunk_size", "memory_budget_bytes")
 
 
 @dataclass(frozen=True)
@@ -46,6 +46,7 @@ class StudentLossSpec:
         need_stats: also compute the per-token stats (entropy needs the full-vocabulary sweep).
         deterministic: Triton: no atomics whose order changes results.
         filter_eps: Triton: backward skips tiles whose π is below it (None = the dtype default, 0 = off).
+        sort_vocab: Triton: backward walks the vocabulary by decreasing average logit (more skipped tiles).
         chunk_size: torch: rows per chunk (None = derived from ``memory_budget_bytes``).
         memory_budget_bytes: torch: peak bytes of the per-chunk ``[chunk, V]`` temporaries.
     """
@@ -62,6 +63,7 @@ class StudentLossSpec:
     need_stats: bool = False
     deterministic: bool = False
     filter_eps: float | None = None
+    sort_vocab: bool = False
     chunk_size: int | None = None
     memory_budget_bytes: int = 256 * 2**20
 

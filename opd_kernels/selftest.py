@@ -207,23 +207,15 @@ def run_loss(p: Problem, case: str, dtype, backend=None, stats=False, reference=
     else:
         common["compute_dtype"] = torch.float64
     lib = ok if reference is None else reference
+    order = contextlib.nullcontext()
+    if case.endswith("+sorted"):           # the backward walks the vocabulary by average logit (sort_vocab)
+        case = case[:-len("+sorted")]
+        order = ok.options(sort_vocab=True)
     if case.endswith("+softcap"):          # a Gemma-2-style soft-capped, scaled head (logit transforms)
         case = case[:-len("+softcap")]
         common.update(logit_scale=SOFTCAP_CASE["logit_scale"], softcap=SOFTCAP_CASE["softcap"])
-    if case == "sampled":
-        out = lib.sampled_token_rkl_loss(h, w, p.token_ids, p.teacher_token_logprobs, p.mask, **common)
-    elif case in COMPOSED_CASES:           # a composed objective (opd_kernels.Objective; reference.objectives)
-        fields = COMPOSED_CASES[case]
-        if reference is None:
-            out = ok.topk_rkl_loss(h, w, p.teacher_ids, p.teacher_logprobs, p.mask, variant=ok.Objective(**fields),
-                                   ignore_ids=p.ignore_ids, **common)
-        else:
-            from reference import objectives
-            out = objectives.objective_loss(h, w, p.teacher_ids, p.teacher_logprobs, p.mask,
-                                            ignore_ids=p.ignore_ids, **fields, **common)
-    else:
-        out = lib.topk_rkl_loss(h, w, p.teacher_ids, p.teacher_logprobs, p.mask, variant=case,
-                                ignore_ids=p.ignore_ids, **common)
+    with order:
+        out = _call_loss(lib, reference, p, case, h, w, common)
     loss, st = out if stats else (out, {})
     loss.backward(p.upstream.to(loss.dtype))
     res = {"loss": loss.detach(), "grad_hidden": h.grad, "grad_weight": w.grad}
@@ -357,14 +349,31 @@ def compile_all(capability: str) -> dict:
                 ok=proc.returncode == 0 and not errors and bool(rows), stderr=proc.stderr[-500:])
 
 
+def _call_loss(lib, reference, p: Problem, case: str, h, w, common):
+    import opd_kernels as ok
+    if case == "sampled":
+        return lib.sampled_token_rkl_loss(h, w, p.token_ids, p.teacher_token_logprobs, p.mask, **common)
+    if case in COMPOSED_CASES:             # a composed objective (opd_kernels.Objective; reference.objectives)
+        fields = COMPOSED_CASES[case]
+        if reference is None:
+            return ok.topk_rkl_loss(h, w, p.teacher_ids, p.teacher_logprobs, p.mask, variant=ok.Objective(**fields),
+                                    ignore_ids=p.ignore_ids, **common)
+        from reference import objectives
+        return objectives.objective_loss(h, w, p.teacher_ids, p.teacher_logprobs, p.mask,
+                                         ignore_ids=p.ignore_ids, **fields, **common)
+    return lib.topk_rkl_loss(h, w, p.teacher_ids, p.teacher_logprobs, p.mask, variant=case,
+                             ignore_ids=p.ignore_ids, **common)
+
+
 #: The logit transforms of the ``+softcap`` case (a cap near the random logits' range, so that tanh bends).
 SOFTCAP_CASE = dict(logit_scale=0.7, softcap=3.0)
 #: Composed objectives checked like the variants (the per-slot math of ``_math.composed_terms``).
 COMPOSED_CASES = {"jsd+tail": dict(divergence="jsd", support_mass="tail", beta=0.3),
                   "mixed+renorm+stopgrad": dict(divergence="mixed", support_mass="renorm", gradient="stopgrad",
                                                 alpha=0.3)}
-CASES = [(v, False) for v in VARIANTS] + [("stopgrad", True), ("tail+softcap", False), ("sampled", False),
-                                          ("teacher_topk", False)] + [(c, False) for c in COMPOSED_CASES]
+CASES = [(v, False) for v in VARIANTS] + [("stopgrad", True), ("tail+softcap", False), ("tail+sorted", False),
+                                          ("sampled", False), ("teacher_topk", False)] + \
+    [(c, False) for c in COMPOSED_CASES]
 
 
 def _cases(only):

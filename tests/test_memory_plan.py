@@ -97,9 +97,11 @@ def _inputs(n, v, h, k, device, seed=0):
 def _run_logged(n, v, h, k, device, variant="stopgrad", log_ref=None):
     """Forward + backward of one loss through the Triton primitives; returns the allocation log with the
     returned tensors (grad_hidden, grad_weight) marked. ``log_ref``: a one-element list that receives the
-    log before anything runs (for :class:`_UnloggedKernel`)."""
+    log before anything runs (for :class:`_UnloggedKernel`). ``variant`` ``"<name>+sorted"``: with
+    ``sort_vocab``."""
     hidden, weight, ids, t = _inputs(n, v, h, k, device)
-    spec = StudentLossSpec(variant=variant)
+    name, _, order = variant.partition("+")
+    spec = StudentLossSpec(variant=name, sort_vocab=order == "sorted")
     log = AllocationLog()
     if log_ref is not None:
         log_ref[:] = [log]
@@ -110,7 +112,7 @@ def _run_logged(n, v, h, k, device, variant="stopgrad", log_ref=None):
     return log, (loss, grad_h, grad_w)
 
 
-@pytest.mark.parametrize("variant", ["stopgrad", "renorm"])
+@pytest.mark.parametrize("variant", ["stopgrad", "stopgrad+sorted", "renorm"])
 @pytest.mark.parametrize("n,v", SHAPES, ids=[f"N{n}-V{v}" for n, v in SHAPES])
 def test_extra_memory_within_bound_at_full_size(monkeypatch, n, v, variant):
     launches = []
@@ -120,7 +122,7 @@ def test_extra_memory_within_bound_at_full_size(monkeypatch, n, v, variant):
     assert grad_h.shape == (n, H) and grad_w.shape == (v, H) and grad_w.dtype == torch.bfloat16
     names = {name for name, _ in launches}
     # dense variants: the blocked backward; renorm (no dense part): the bounded sparse kernels
-    expected = {"_dz_kernel", "_gemm_acc_kernel"} if variant != "renorm" else \
+    expected = {"_dz_kernel", "_gemm_acc_kernel"} if variant.startswith("stopgrad") else \
         {"_sparse_rows_kernel", "_segment_chunks_kernel", "_segment_carry_kernel"}
     assert expected <= names, names
     extra = log.peak_excluding_returned()
@@ -152,7 +154,7 @@ def test_the_plan_has_bounded_blocks():
     assert small["rows"] == 128 and small["cols"] == 128256
 
 
-@pytest.mark.parametrize("variant", ["stopgrad", "tail", "renorm"])
+@pytest.mark.parametrize("variant", ["stopgrad", "tail", "stopgrad+sorted", "renorm"])
 def test_stubbed_accounting_matches_a_real_run(monkeypatch, variant):
     """Small sizes in the interpreter: the real run and the stubbed meta run allocate the same tensors (op,
     shape, dtype, bytes) and reach the same peak; with the plan cut into several row chunks and vocabulary

@@ -14,8 +14,8 @@ import opd_kernels as ok
 
 ROOT = Path(__file__).resolve().parents[1]
 FAMILIES = {"lse_sweep", "lse_sweep (entropy)", "gather", "blocked_bwd", "sparse_bwd", "teacher_topk"}
-CASES = {"stopgrad", "unnormalized", "renorm", "tail", "fkl", "stopgrad+stats", "tail+softcap", "sampled",
-         "teacher_topk", "jsd+tail", "mixed+renorm+stopgrad"}
+CASES = {"stopgrad", "unnormalized", "renorm", "tail", "fkl", "stopgrad+stats", "tail+softcap", "tail+sorted",
+         "sampled", "teacher_topk", "jsd+tail", "mixed+renorm+stopgrad"}
 
 needs_interpreter = pytest.mark.skipif(not ok.triton_available() or os.environ.get("TRITON_INTERPRET") != "1",
                                        reason="needs Triton in the CPU interpreter (TRITON_INTERPRET=1)")

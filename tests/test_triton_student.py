@@ -285,3 +285,144 @@ def test_default_filter_eps():
     thr = blocked_bwd.filter_thresholds(g, g.sum(-1), 2.0 ** -12)
     assert torch.allclose(thr[:1], torch.tensor([2.0 ** -12 * (3 + 2) / 2]))
     assert thr[1] == float("inf") and torch.allclose(thr[2], torch.tensor(2.0 ** -12 * 2.0))
+
+
+# ------------------------------------------------------------------------------------- vocabulary order
+
+@pytest.mark.parametrize("variant", ["stopgrad", "tail", "fkl", "sampled"])
+def test_sort_vocab_parity_fp32(variant):
+    """``sort_vocab``: the backward's blocks walk the vocabulary by decreasing average logit (weight rows,
+    bias and slot ids read through the order; grad_W and grad_b rows written back through it). Every
+    gradient still matches the float64 reference at fp32 rel 1e-5 across 3 row chunks × 4 vocabulary blocks,
+    with bias, τ ≠ 1, empty slots, a random upstream gradient and the default filter."""
+    seed = ["stopgrad", "tail", "fkl", "sampled"].index(variant) + 120
+    prob = _problem(variant, seed)
+    ids, t = _backend_inputs(prob)
+    upstream = torch.randn(N, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    ours = _leaves(prob, torch.float32)
+    with overrides(programs=8, **BLOCKS):
+        loss, _, g = _run_backend(ours, ids, t, variant, 0.7, False, upstream, sort_vocab=True)
+    exp, _, exp_g = _reference(leaf_copies(prob, torch.float64), variant, 0.7, upstream)
+    assert_close("loss", loss, exp, 1e-5)
+    for key in ("hidden", "weight", "bias"):
+        assert_close(f"grad_{key}", g[key], exp_g[key], 1e-5)
+
+
+def test_sort_vocab_softcap_duplicates_and_out_of_range_ids():
+    """The order with a soft-cap and logit_scale (bias read through the order inside the tanh), duplicate ids
+    in a row and slots holding ids < 0 or ≥ V (they fall in no tile, in any order): same gradients as the
+    unsorted run up to fp32 summation order."""
+    from opd_kernels.triton import blocked_bwd as bb
+    g = torch.Generator().manual_seed(131)
+    hidden = torch.randn(N, H, generator=g)
+    weight = torch.randn(V, H, generator=g) * 0.2
+    bias = torch.randn(V, generator=g)
+    ids = torch.randint(0, V, (N, K), generator=g)
+    ids[0, :] = ids[0, 0]                                          # duplicates
+    ids[1, 1], ids[2, 2], ids[3, 0] = -1, V, V + 40                # outside the vocabulary
+    coef = torch.randn(N, K, generator=g)
+    lse = torch.logsumexp(2.5 * torch.tanh(0.6 * (hidden @ weight.T + bias) / 2.5) / 0.8, 1)
+    out = []
+    for order in (False, True):
+        with overrides(programs=8, **BLOCKS):
+            out.append(bb.input_grads(hidden, weight, bias, ids, lse, coef, 0.75, True, True, True, 0.0,
+                                      softcap=2.5 / 0.8, sparse_slope=torch.rand(N, K, generator=g) * 0 + 0.5,
+                                      sort_vocab=order))
+    for name, a, b in zip(("grad_h", "grad_W", "grad_b"), *out):
+        assert_close(name, b, a, 2e-6)
+
+
+def test_sort_vocab_order():
+    """The order is by decreasing ``h̄ Wᵀ + b`` (ties by id), a permutation of the rows; a negative scale
+    reverses it."""
+    from opd_kernels.triton import blocked_bwd as bb
+    g = torch.Generator().manual_seed(141)
+    hidden, weight, bias = torch.randn(9, 6, generator=g), torch.randn(50, 6, generator=g), torch.randn(50, generator=g)
+    weight[7] = weight[3]
+    bias[7] = bias[3]                                              # a tie: 3 before 7
+    perm = bb.vocab_order(hidden, weight, bias, 1.3)
+    avg = weight.double() @ hidden.double().mean(0) + bias.double()
+    assert perm.dtype == torch.int32 and sorted(perm.tolist()) == list(range(50))
+    assert (avg[perm.long()].diff() <= 1e-6).all()
+    assert perm.tolist().index(3) < perm.tolist().index(7)
+    assert bb.vocab_order(hidden, weight, bias, -1.0).tolist()[0] == perm.tolist()[-1]
+
+
+def _clustered_problem(seed):
+    """Logits dominated by a per-token bias on 48 'frequent' tokens scattered over the vocabulary (as a
+    trained LM's head puts its mass on common tokens), the teacher's ids among them: unsorted, every
+    vocabulary tile holds a frequent token; sorted, they share the first tiles."""
+    prob = make_problem(n=N, h=H, v=V, k=K, seed=seed)
+    g = torch.Generator().manual_seed(seed + 1)
+    hot = torch.randperm(V, generator=g)[:48]
+    prob["hidden"] = prob["hidden"] * 0.3
+    prob["bias"] = torch.zeros(V, dtype=torch.float64)
+    prob["bias"][hot] = 9.0 + torch.rand(48, generator=g, dtype=torch.float64)
+    ids = hot[torch.randint(0, 48, (N, K), generator=g)]
+    prob["teacher_ids"] = torch.where(prob["teacher_ids"] >= 0, ids, prob["teacher_ids"])
+    return prob
+
+
+def test_sort_vocab_skips_more_tiles_on_clustered_data():
+    """With the filter at 2⁻¹², sorting turns few skipped tiles into most of them on clustered data (the
+    point of the order), while both runs stay within the filter's bound of the unfiltered gradient."""
+    prob = _clustered_problem(151)
+    up = torch.randn(N, generator=torch.Generator().manual_seed(152))
+    ids, t = _backend_inputs(prob)
+    runs = {}
+    for name, eps, order in (("off", 0.0, False), ("plain", 2.0 ** -12, False), ("sorted", 2.0 ** -12, True)):
+        ours = _leaves(prob, torch.float32)
+        spec = StudentLossSpec(variant="stopgrad", need_stats=True, filter_eps=eps, sort_vocab=order)
+        with overrides(programs=8, dz=dict(BN=16, BV=64), **BLOCKS):
+            loss, stats = _student.student_loss(TB, ours["hidden"], ours["weight"], ours["bias"], ids, t, spec)
+            (loss * up).sum().backward()
+        runs[name] = (grads(ours), float(stats["skipped_tile_fraction"]))
+    assert runs["off"][1] == 0.0
+    assert runs["plain"][1] < 0.2 and runs["sorted"][1] > 0.6, (runs["plain"][1], runs["sorted"][1])
+    for name in ("plain", "sorted"):
+        for key in runs["off"][0]:
+            assert_close(f"{name} grad_{key}", runs[name][0][key], runs["off"][0][key], 1e-3)
+
+
+def test_sort_vocab_bf16_error():
+    """bf16 with the order: the gradient error against the float64 truth on the same rounded inputs is no
+    worse than the unsorted kernel's (+10 %)."""
+    prob = make_problem(n=N, h=H, v=V, k=K, seed=161)
+    up = torch.randn(N, generator=torch.Generator().manual_seed(162))
+    ids, t = _backend_inputs(prob)
+    res = {}
+    for order in (False, True):
+        ours = _leaves(prob, torch.bfloat16)
+        with overrides(programs=8, **BLOCKS):
+            res[order] = _run_backend(ours, ids, t, "tail", 0.9, False, up, sort_vocab=order)[2]
+    truth = leaf_copies(leaf_copies(prob, torch.bfloat16), torch.float64)
+    exp = R.topk_rkl_loss(truth["hidden"], truth["weight"], ids.cpu(), t.cpu().double(), bias=truth["bias"],
+                          variant="tail", temperature=0.9, reduction="none")
+    (exp * up.double()).sum().backward()
+    for key in res[False]:
+        e_plain, e_sorted = rel_err(res[False][key], truth[key].grad), rel_err(res[True][key], truth[key].grad)
+        assert e_sorted <= 1.1 * e_plain + 1e-6, f"grad_{key}: sorted {e_sorted:.3g} vs plain {e_plain:.3g}"
+
+
+def test_sort_vocab_option_reaches_the_triton_spec_only():
+    """``ok.options(sort_vocab=True)`` fills the Triton spec; the torch backend never sees it (a tuning
+    field); a non-bool is a TypeError naming the option."""
+    prob = make_problem(n=8, h=16, v=64, k=3, seed=171)
+    seen = []
+    orig = blocked_bwd.input_grads
+
+    def spy(*a, **k):
+        seen.append(k.get("sort_vocab"))
+        return orig(*a, **k)
+
+    p = leaf_copies(prob, torch.float32)
+    with pytest.MonkeyPatch.context() as mp, ok.options(sort_vocab=True):
+        mp.setattr(blocked_bwd, "input_grads", spy)
+        ok.topk_rkl_loss(p["hidden"], p["weight"], prob["teacher_ids"], prob["teacher_logprobs"], bias=p["bias"],
+                         backend="triton").backward()
+        p2 = leaf_copies(prob, torch.float32)
+        ok.topk_rkl_loss(p2["hidden"], p2["weight"], prob["teacher_ids"], prob["teacher_logprobs"],
+                         bias=p2["bias"], backend="torch").backward()
+    assert seen == [True]
+    with pytest.raises(TypeError, match="sort_vocab"):
+        ok.set_options(sort_vocab=1)

@@ -126,7 +126,7 @@ LIMITS = dict(dz_block_bytes=32 * 2**20, gh_chunk_bytes=32 * 2**20, block_bytes=
 #: tests/test_bwd_plan.py). The plan sizes its waves with them.
 BLOCKED_CTAS_PER_SM = {
     (90, "bf16"): dict(dz=1, gemm=1), (90, "fp32"): dict(dz=2, gemm=4), (90, "tf32"): dict(dz=3, gemm=4),
-    (80, "bf16"): dict(dz=1, gemm=1), (80, "fp32"): dict(dz=2, gemm=4), (80, "tf32"): dict(dz=2, gemm=4),
+    (80, "bf16"): dict(dz=1, gemm=1), (80, "fp32"): dict(dz=2, gemm=3), (80, "tf32"): dict(dz=2, gemm=4),
 }
 #: The plan's cost constants (an H100-class SM; only their ratios steer the choice): multiply-adds per second
 #: per SM in a GEMM main loop (989 TFLOP/s × 0.66 / 132 / 2), bytes per second per SM for a tile's output

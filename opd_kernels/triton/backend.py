@@ -16,7 +16,7 @@ from . import teacher_topk as _teacher
 #: Spec fields this backend implements (``opd_kernels._spec``). ``deterministic`` holds by construction:
 #: no kernel of the loss uses atomics.
 SUPPORTED = frozenset({"variant", "temperature", "logit_scale", "softcap", "need_stats", "deterministic",
-                       "filter_eps"})
+                       "filter_eps", "sort_vocab"})
 #: Teacher spec fields this backend implements.
 TEACHER_SUPPORTED = frozenset({"k", "temperature", "logit_scale", "softcap"})
 #: Largest k the teacher kernel supports.
@@ -50,7 +50,8 @@ def input_grads(hidden, weight, bias, ids, lse, g, spec, need_h, need_w, need_b,
     slope = _slope_at_ids(hidden, weight, bias, ids, spec)
     if lse is not None:
         return blocked_bwd.input_grads(hidden, weight, bias, ids, lse, g, spec.inv_tau, need_h, need_w, need_b,
-                                       spec.filter_eps, skipped, softcap=spec.cap, sparse_slope=slope, c=c)
+                                       spec.filter_eps, skipped, softcap=spec.cap, sparse_slope=slope, c=c,
+                                       sort_vocab=spec.sort_vocab)
     if skipped is not None:
         skipped.fill_(0.0)
     gs = (g * spec.inv_tau if slope is None else g * slope * spec.inv_tau).contiguous()

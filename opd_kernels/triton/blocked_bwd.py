@@ -20,7 +20,12 @@ block v), in order:
    is dropped when every element is below ``filter_eps`` relative to its row's gradient scale
    (:func:`filter_thresholds`, default 2⁻¹² for 16-bit inputs as in cut-cross-entropy, 2⁻³⁰ for fp32);
    tiles left all zero (no teacher slot in them either) are skipped by both GEMMs through per-row lists of
-   live tiles (``_live_lists_kernel``), and ``skipped_tile_fraction`` reports how many.
+   live tiles (``_live_lists_kernel``), and ``skipped_tile_fraction`` reports how many. With
+   ``sort_vocab`` the columns are walked in :func:`vocab_order` (decreasing average logit), so that the
+   columns that carry mass share tiles and the all-zero tiles gather at the end: the dz kernel reads the
+   weight rows and bias through the order (``PERM``, pointer loads instead of TMA), the slot ids come mapped
+   to positions, the grad_h GEMM reads W's rows through it (``B_ROWS``) and the grad_W GEMM writes its rows
+   back through it (``OUT_ROWS``; a permutation, so every output row is still owned by one program).
 2. ``grad_h[r] (+)= dz · W_v`` and 3. ``grad_W[v] (+)= dzᵀ · h_r``: two plain tiled GEMMs
    (``_gemm_acc_kernel``, fp32 accumulation, each output tile owned by one program: a read-modify-write, no
    atomic). grad_h accumulates over the vocabulary blocks in an fp32 ``[Nr, H]`` chunk (or directly in the
@@ -31,7 +36,8 @@ block v), in order:
 Why this design: every reduction is owned, so there is no atomic (no fence, no contention) and the result
 is deterministic by construction (the ``deterministic`` option costs nothing); the extra memory is bounded by
 the plan limits, independent of V: one ``dz`` block (``dz_block_bytes``, ≤ 32 MiB) + one fp32 grad_h chunk
-(``gh_chunk_bytes``, ≤ 32 MiB; both together ≤ ``block_bytes``, 58 MiB) + the row-sorted slots (N·K·8 B) + O(N) vectors + ``[V]`` fp32 grad_b with a bias
+(``gh_chunk_bytes``, ≤ 32 MiB; both together ≤ ``block_bytes``, 58 MiB) + the row-sorted slots (N·K·8 B) +
+O(N) vectors + ``[V]`` fp32 grad_b with a bias (+ two ``[V]`` int32 orders with ``sort_vocab``)
 (``tests/test_memory_plan.py`` accounts every allocation at full size). The cost is three
 GEMM-equivalents (recompute + two gradients), all on tensor cores (TMA descriptor loads on sm_90), plus the
 ``dz`` block round trip (written once, read twice), against a fused design whose per-tile global reductions
@@ -72,13 +78,14 @@ def _grouped_tile(pid, n_tiles_m, n_tiles_n, GROUP: tl.constexpr):
 def _dz_kernel(
     # pointers (h_src / w_src: tensor descriptors with blocks [BN, BH] / [BV, BH] when TMA, else pointers)
     h_src, w_src, b_ptr, lse_ptr, c_ptr, thr_ptr, ids_ptr, gs_ptr, bounds_ptr, dz_ptr, flag_ptr, gb_ptr,
+    perm_ptr,
     # sizes and scalars (inv_tau = logit_scale / τ; softcap = the cap in z units, read only with SOFTCAP)
     H, K, inv_tau, softcap,
     # launch plan: the block's first row / column, its extent, the dz, flag and bounds row strides
     row0, col0, n_rows, n_cols, dz_stride, flag_stride, bounds_stride,
     # constexpr flags
     HAS_BIAS: tl.constexpr, DENSE: tl.constexpr, SPARSE: tl.constexpr, COMPUTE_DB: tl.constexpr,
-    FILTER: tl.constexpr, SOFTCAP: tl.constexpr, TMA: tl.constexpr,
+    FILTER: tl.constexpr, SOFTCAP: tl.constexpr, TMA: tl.constexpr, PERM: tl.constexpr,
     # tiles
     BN: tl.constexpr, BV: tl.constexpr, BH: tl.constexpr, GROUP: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
@@ -90,7 +97,10 @@ def _dz_kernel(
     With SOFTCAP the logits are ``z = softcap · tanh(u / softcap)``, ``u = inv_tau · (h Wᵀ + b)``, and the dense
     term is multiplied by ``∂z/∂u = 1 − tanh²`` in the same elementwise pass (the tanh is at hand; nothing
     extra stays live through the sparse fold). The sparse slot values ``gs`` come with that factor at their
-    ids already (the launcher's ``sparse_slope``), so the whole tile is ``∂ℓ/∂a`` with ``a = h Wᵀ + b``."""
+    ids already (the launcher's ``sparse_slope``), so the whole tile is ``∂ℓ/∂a`` with ``a = h Wᵀ + b``.
+
+    With PERM the columns are positions in a vocabulary order (``sort_vocab``): column j is the weight row
+    ``perm_ptr[j]`` (loaded through pointers, not TMA), and the slot ids come mapped to positions."""
     n_tiles_m = tl.cdiv(n_rows, BN)
     n_tiles_n = tl.cdiv(n_cols, BV)
     tile_m, tile_n = _grouped_tile(tl.program_id(0), n_tiles_m, n_tiles_n, GROUP)
@@ -100,6 +110,10 @@ def _dz_kernel(
     mask_v = offs_c < n_cols
     offs_n = row0 + offs_r.to(tl.int64)                                                 # [BN] token rows
     offs_v = col0 + offs_c.to(tl.int64)                                                 # [BV] vocabulary ids
+    if PERM:
+        w_rows = tl.load(perm_ptr + offs_v, mask=mask_v, other=0).to(tl.int64)          # [BV] weight rows
+    else:
+        w_rows = offs_v
     dz = tl.zeros([BN, BV], dtype=tl.float32)                                           # [BN, BV]
     if DENSE:
         lse = tl.load(lse_ptr + offs_n, mask=mask_n, other=float("inf"))               # exp(z − lse) = 0 beyond
@@ -107,14 +121,14 @@ def _dz_kernel(
         # padding must give exactly π = 0 (an overflowing exp would poison the GEMMs through 0·inf): rows
         # outside the block have lse = +inf, columns a −inf logit (a [BV] term, not a [BN, BV] select: this
         # keeps the tile free of spills)
-        acc = logit_acc(h_src, w_src, row0 + tile_m * BN, col0 + tile_n * BV, offs_n, mask_n, offs_v, mask_v, H,
+        acc = logit_acc(h_src, w_src, row0 + tile_m * BN, col0 + tile_n * BV, offs_n, mask_n, w_rows, mask_v, H,
                         TMA, False, BN, BV, BH, DOT_PREC)                               # [BN, BV]
         col = tl.where(mask_v, 0.0, float("-inf"))                                      # [BV]
         if SOFTCAP:
             # u / softcap = (acc + b) · inv_tau / softcap; columns ≥ V: acc = 0, no bias, so tanh is finite
             pre = inv_tau / softcap
             if HAS_BIAS:
-                cb = tl.load(b_ptr + offs_v, mask=mask_v, other=0.0).to(tl.float32) * pre
+                cb = tl.load(b_ptr + w_rows, mask=mask_v, other=0.0).to(tl.float32) * pre
             else:
                 cb = tl.zeros([BV], dtype=tl.float32)
             th = tanh(acc * pre + cb[None, :])                                          # [BN, BV]
@@ -123,7 +137,7 @@ def _dz_kernel(
             p = tl.exp(th * softcap + col[None, :] - lse[:, None]) * ((1.0 - th) * (1.0 + th))
         else:
             if HAS_BIAS:
-                col += tl.load(b_ptr + offs_v, mask=mask_v, other=0.0).to(tl.float32) * inv_tau
+                col += tl.load(b_ptr + w_rows, mask=mask_v, other=0.0).to(tl.float32) * inv_tau
             p = tl.exp(acc * inv_tau + col[None, :] - lse[:, None])                    # [BN, BV]
         if FILTER:
             thr = tl.load(thr_ptr + offs_n, mask=mask_n, other=float("inf"))          # inf where c = 0
@@ -217,14 +231,14 @@ def _live_lists_kernel(
 def _gemm_acc_kernel(
     # pointers: out = (acc +) a · b over the live k tiles of a (a_src / b_src: tensor descriptors when TMA,
     # with blocks [BM, BK] (row-major a) or [BK, BM] (column-major a, loaded transposed) and [BK, BN])
-    a_src, b_src, acc_ptr, out_ptr, live_ptr, n_live_ptr,
+    a_src, b_src, acc_ptr, out_ptr, live_ptr, n_live_ptr, b_rows_ptr, out_rows_ptr,
     # sizes: a [M, KD], b [KD, NN], acc / out [M, NN]
     M, NN, KD,
     # strides (elements): a's non-unit stride, b's row stride, acc / out row strides, live-list row stride
     stride_a, stride_b, stride_acc, stride_out, live_stride,
     # constexpr flags
     A_COL_MAJOR: tl.constexpr, ACCUMULATE: tl.constexpr, SKIP: tl.constexpr, FLAG_M: tl.constexpr,
-    FLAG_K: tl.constexpr, TMA: tl.constexpr,
+    FLAG_K: tl.constexpr, TMA: tl.constexpr, B_ROWS: tl.constexpr, OUT_ROWS: tl.constexpr,
     # tiles
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, GROUP: tl.constexpr, DOT_PREC: tl.constexpr,
 ):
@@ -240,7 +254,11 @@ def _gemm_acc_kernel(
     With SKIP, a is zero outside a set of (FLAG_M × FLAG_K) flag tiles (FLAG_M % BM == 0, FLAG_K % BK == 0):
     the program reads its flag row's live k tiles from ``live_ptr[row, :n_live_ptr[row]]`` (ascending) and
     loops over those only, so skipped tiles cost neither bandwidth nor tensor-core time and the loop keeps
-    a plain software pipeline (a data-dependent ``if`` inside it would not)."""
+    a plain software pipeline (a data-dependent ``if`` inside it would not).
+
+    Row indirection (``sort_vocab``): with B_ROWS, b's row k is ``b_src[b_rows_ptr[k]]`` (pointers, not TMA);
+    with OUT_ROWS, the tile's row m of acc / out is ``out_rows_ptr[m]`` (a permutation: every output row is
+    still owned by one program)."""
     tile_m, tile_n = _grouped_tile(tl.program_id(0), tl.cdiv(M, BM), tl.cdiv(NN, BN), GROUP)
     offs_m = tile_m * BM + tl.arange(0, BM)                                             # [BM]
     offs_nn = tile_n * BN + tl.arange(0, BN)                                            # [BN]
@@ -254,8 +272,9 @@ def _gemm_acc_kernel(
         else:
             a_tile = a_src + offs_m[:, None] * stride_a + offs_k[None, :]               # [BM, BK]
             a_kstride = 1
-        b_tile = b_src + offs_k[:, None] * stride_b + offs_nn[None, :]                  # [BK, BN]
-        b_kstride = stride_b.to(tl.int64)                                               # k0·stride may pass 2³¹
+        if not B_ROWS:
+            b_tile = b_src + offs_k[:, None] * stride_b + offs_nn[None, :]              # [BK, BN]
+            b_kstride = stride_b.to(tl.int64)                                           # k0·stride may pass 2³¹
     SUB: tl.constexpr = FLAG_K // BK
     if SKIP:
         flag_row = (tile_m * BM // FLAG_M).to(tl.int64)
@@ -263,7 +282,10 @@ def _gemm_acc_kernel(
     else:
         n_steps = tl.cdiv(KD, BK)
     mask = mask_m[:, None] & mask_nn[None, :]
-    rows = offs_m.to(tl.int64)[:, None]
+    if OUT_ROWS:
+        rows = tl.load(out_rows_ptr + offs_m, mask=mask_m, other=0).to(tl.int64)[:, None]   # [BM, 1]
+    else:
+        rows = offs_m.to(tl.int64)[:, None]
     if ACCUMULATE:       # start from the running sum: no second [BM, BN] register tile in the epilogue
         acc = tl.load(acc_ptr + rows * stride_acc + offs_nn[None, :], mask=mask, other=0.0).to(tl.float32)
     else:
@@ -282,7 +304,12 @@ def _gemm_acc_kernel(
         else:
             mask_k = offs_k < KD - k0
             a = tl.load(a_tile + k0 * a_kstride, mask=mask_m[:, None] & mask_k[None, :], other=0.0)  # [BM, BK]
-            b = tl.load(b_tile + k0 * b_kstride, mask=mask_k[:, None] & mask_nn[None, :], other=0.0)  # [BK, BN]
+            if B_ROWS:
+                b_rows = tl.load(b_rows_ptr + k0 + offs_k, mask=mask_k, other=0).to(tl.int64)      # [BK]
+                b = tl.load(b_src + b_rows[:, None] * stride_b + offs_nn[None, :],
+                            mask=mask_k[:, None] & mask_nn[None, :], other=0.0)                    # [BK, BN]
+            else:
+                b = tl.load(b_tile + k0 * b_kstride, mask=mask_k[:, None] & mask_nn[None, :], other=0.0)
         acc = tl.dot(a, b, acc, input_precision=DOT_PREC)
     tl.store(out_ptr + rows * stride_out + offs_nn[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
 
@@ -416,11 +443,13 @@ def filter_thresholds(g, c, eps: float):
     return torch.where(c != 0, eps * scale / c.abs(), torch.full_like(c, float("inf")))
 
 
-def _gemm(a, b, acc, out, live, flag_tile, accumulate: bool, cfg: dict, prec: str, tma: bool):
+def _gemm(a, b, acc, out, live, flag_tile, accumulate: bool, cfg: dict, prec: str, tma: bool,
+          b_rows=None, out_rows=None):
     """``out = (acc +) a @ b`` for 2-D views: ``a`` row-major or a transposed (column-major) view, ``b``,
     ``acc`` and ``out`` with unit column stride. ``live``: None, or (live k tiles [rows, ≥ tiles], counts
     [rows]) per flag row of ``a`` (``_live_lists_kernel``). ``tma``: load a and b through tensor
-    descriptors (when the tiles ask for it and every operand is 16-byte aligned)."""
+    descriptors (when the tiles ask for it and every operand is 16-byte aligned). ``b_rows``: b's row k is
+    ``b[b_rows[k]]`` (pointer loads); ``out_rows``: row m of acc / out is ``out[out_rows[m]]``."""
     m, kd = a.shape
     nn = b.shape[1]
     col_major = a.stride(0) == 1 and a.stride(1) != 1
@@ -428,7 +457,7 @@ def _gemm(a, b, acc, out, live, flag_tile, accumulate: bool, cfg: dict, prec: st
     assert col_major or a.stride(1) == 1
     bm, bn, bk = cfg["BM"], cfg["BN"], cfg["BK"]
     base = a.t() if col_major else a                           # the row-major storage of a
-    tma = tma and bool(cfg.get("TMA")) and _tma_ok(base, b)
+    tma = tma and bool(cfg.get("TMA")) and b_rows is None and _tma_ok(base, b)
     if tma:
         from triton.tools.tensor_descriptor import TensorDescriptor
         a_src = TensorDescriptor.from_tensor(base, [bk, bm] if col_major else [bm, bk])
@@ -439,15 +468,34 @@ def _gemm(a, b, acc, out, live, flag_tile, accumulate: bool, cfg: dict, prec: st
     order, count = live if live is not None else (out, out)
     _gemm_acc_kernel[grid](
         a_src, b_src, acc if acc is not None else out, out, order, count,
+        b_rows if b_rows is not None else out, out_rows if out_rows is not None else out,
         m, nn, kd, a.stride(1) if col_major else a.stride(0), b.stride(0),
         (acc if acc is not None else out).stride(0), out.stride(0), order.stride(0) if live is not None else 0,
         A_COL_MAJOR=col_major, ACCUMULATE=accumulate, SKIP=live is not None, FLAG_M=flag_tile[0],
-        FLAG_K=flag_tile[1], TMA=tma, BM=bm, BN=bn, BK=bk, GROUP=cfg["GROUP"], DOT_PREC=prec, **launch_kw(cfg))
+        FLAG_K=flag_tile[1], TMA=tma, B_ROWS=b_rows is not None, OUT_ROWS=out_rows is not None,
+        BM=bm, BN=bn, BK=bk, GROUP=cfg["GROUP"], DOT_PREC=prec, **launch_kw(cfg))
+
+
+def vocab_order(hidden, weight, bias, inv_tau: float):
+    """``[V]`` int32: the weight rows by decreasing average logit ``inv_tau · (h̄ Wᵀ + b)`` (``h̄`` the mean
+    hidden row; the mean of the logits, as cut-cross-entropy sorts), ties by id. Columns that carry
+    probability in many rows come first and share tiles, so that the tiles whose dense gradient is all below
+    the filter threshold gather at the end and more of them are skipped. One GEMV over W (no ``[N, V]``
+    buffer); soft-capping and the temperature are monotone and do not change the order."""
+    n = hidden.shape[0]
+    mean_h = (hidden.new_ones(1, n) @ hidden).float().div_(max(n, 1))                  # [1, H]
+    avg = (weight.float() @ mean_h.T).squeeze(1) if weight.dtype == torch.float32 else \
+        (weight @ mean_h.T.to(weight.dtype)).squeeze(1).float()                         # [V]
+    if bias is not None:
+        avg += bias.float()
+    if inv_tau < 0:
+        avg.neg_()
+    return torch.sort(avg, descending=True, stable=True).indices.to(torch.int32)
 
 
 def input_grads(hidden, weight, bias, ids, lse, g, inv_tau: float, need_h: bool, need_w: bool,
                 need_b: bool, filter_eps: float | None, skipped=None, softcap: float | None = None,
-                sparse_slope=None, c=None):
+                sparse_slope=None, c=None, sort_vocab: bool = False):
     """``(grad_h [N, H] input dtype | None, grad_W [V, H] weight dtype | None, grad_b [V] bias dtype | None)``.
 
     ``ids [N, K]`` int64 (-1 at invalid slots), ``g [N, K]`` fp32 slot coefficients with the upstream
@@ -458,6 +506,9 @@ def input_grads(hidden, weight, bias, ids, lse, g, inv_tau: float, need_h: bool,
     filter compares ``π ∂z/∂u``, the dense element's size, with the same per-row threshold: the bound of
     :func:`filter_thresholds` holds as the factor is ≤ 1). ``c [N]``: the dense coefficient
     (default ``g.sum(-1)``; a vocabulary shard's ``g`` holds only its own slots, so it passes the global one).
+    ``sort_vocab``: the blocks walk the vocabulary in :func:`vocab_order` (weight rows and bias loaded through
+    the order, grad_W rows and grad_b written back through it; the weight loads use pointers, not TMA):
+    the same gradient up to summation order, with more tiles skipped when the filter is on.
 
     Extra memory: ``c`` [N] and the row-sorted slots (int32 ids + fp32 g/τ, N·K·8 B; the sort's int64
     permutation, N·K·8 B more, lives only before the blocks start), one dz block, one fp32 grad_h chunk,
@@ -492,14 +543,25 @@ def input_grads(hidden, weight, bias, ids, lse, g, inv_tau: float, need_h: bool,
     thr = filter_thresholds(g, c, filter_eps) if filtering else c
     live_tiles = torch.zeros((), dtype=torch.int64, device=dev) if (skipped is not None and filtering) else None
     total_tiles = 0
-    sorted_ids, order = torch.sort(ids, dim=1)                     # per row, by id (invalid -1 first)
+    perm = vocab_order(hidden, weight, bias, inv_tau) if sort_vocab else None
+    if perm is not None:
+        # slot ids → positions in the order (ids < 0 → -1, ids ≥ V → V: they fall in no tile)
+        inv = torch.empty_like(perm)
+        inv[perm] = torch.arange(vocab, dtype=torch.int32, device=dev)
+        key = inv[ids.clamp(0, vocab - 1)]
+        key.masked_fill_(ids < 0, -1).masked_fill_(ids >= vocab, vocab)
+        del inv
+    else:
+        key = ids
+    sorted_ids, order = torch.sort(key, dim=1)                     # per row, by id (invalid -1 first)
+    del key
     sorted_ids = sorted_ids.to(torch.int32)
     # g · inv_tau in the same order (soft-cap: times ∂z/∂u at the ids)
     sorted_gs = torch.gather(g if sparse_slope is None else g * sparse_slope, 1, order).mul_(inv_tau)
     del order
 
     tma_ok = interpreting(dev) or device_info(dev)[0] >= 90          # descriptors: sm_90 and the interpreter
-    tma = bool(dz_cfg.get("TMA")) and tma_ok and _tma_ok(hidden, weight)
+    tma = bool(dz_cfg.get("TMA")) and tma_ok and _tma_ok(hidden, weight) and perm is None
     h_src, w_src = hidden, weight
     if tma:
         from triton.tools.tensor_descriptor import TensorDescriptor
@@ -536,10 +598,11 @@ def input_grads(hidden, weight, bias, ids, lse, g, inv_tau: float, need_h: bool,
             _dz_kernel[(tiles_m * tiles_n,)](
                 h_src, w_src, bias if bias is not None else hidden, lse, c, thr, sorted_ids, sorted_gs, bounds, dz,
                 flags if flags is not None else dz, gb_part if gb_part is not None else dz,
+                perm if perm is not None else dz,
                 hdim, k, float(inv_tau), float(softcap or 1.0), r0, v0, nr, nc, cols,
                 flags.stride(0) if flags is not None else 0, bounds.stride(0),
                 HAS_BIAS=bias is not None, DENSE=True, SPARSE=True, COMPUTE_DB=need_b, FILTER=filtering,
-                SOFTCAP=softcap is not None, TMA=tma,
+                SOFTCAP=softcap is not None, TMA=tma, PERM=perm is not None,
                 BN=bn, BV=bv, BH=dz_cfg["BH"], GROUP=dz_cfg["GROUP"], DOT_PREC=prec, **launch_kw(dz_cfg))
             dz_blk = dz[:nr, :nc]
             total_tiles += tiles_m * tiles_n
@@ -550,20 +613,25 @@ def input_grads(hidden, weight, bias, ids, lse, g, inv_tau: float, need_h: bool,
                     flags, live_h, n_live_h, live_w, n_live_w, tiles_m, tiles_n, flags.stride(0),
                     live_h.stride(0), live_w.stride(0), BF=triton.next_power_of_2(max(flags.shape)),
                     num_warps=1, num_stages=1)
+            rows_v = None if perm is None else perm[v0:v0 + nc]      # the block's weight rows (sorted)
             if need_b:
-                gb32[v0:v0 + nc] += gb_part[:tiles_m, :nc].sum(0)
+                if rows_v is None:
+                    gb32[v0:v0 + nc] += gb_part[:tiles_m, :nc].sum(0)
+                else:              # unique rows: a gather and a scatter, no atomics (deterministic)
+                    gb32[rows_v] += gb_part[:tiles_m, :nc].sum(0)
             if need_h:
                 # grad_h[r] (+)= dz · W_v: fp32 chunk across vocabulary blocks, the last block writes the output
                 last = j == n_blocks - 1
                 acc = None if j == 0 else (gh_acc[:nr] if gh_acc is not None else grad_h[r0:r0 + nr])
                 out = grad_h[r0:r0 + nr] if (last or gh_acc is None) else gh_acc[:nr]
-                _gemm(dz_blk, weight[v0:v0 + nc], acc, out, None if flags is None else (live_h, n_live_h), (bn, bv),
-                      j > 0, p["gemm_dh"], prec, tma_ok)
+                _gemm(dz_blk, weight[v0:v0 + nc] if rows_v is None else weight, acc, out,
+                      None if flags is None else (live_h, n_live_h), (bn, bv), j > 0, p["gemm_dh"], prec, tma_ok,
+                      b_rows=rows_v)
             if need_w:
                 # grad_W[v] (+)= dzᵀ · h_r: accumulated over row chunks in the weight dtype
-                out = grad_w[v0:v0 + nc]
+                out = grad_w[v0:v0 + nc] if rows_v is None else grad_w
                 _gemm(dz_blk.t(), h_r, out if r0 > 0 else None, out, None if flags is None else (live_w, n_live_w),
-                      (bv, bn), r0 > 0, p["gemm_dw"], prec, tma_ok)
+                      (bv, bn), r0 > 0, p["gemm_dw"], prec, tma_ok, out_rows=rows_v)
     if skipped is not None:
         if live_tiles is None:
             skipped.fill_(0.0)
@@ -574,8 +642,9 @@ def input_grads(hidden, weight, bias, ids, lse, g, inv_tau: float, need_h: bool,
 
 # ------------------------------------------------------------------------------------------- compile specs
 
-def _dz_spec(hidden_size, arch, dtype, allow_tf32, suffix, softcap):
-    """The dz kernel's build (plain or soft-capped) and its production plan ``(spec, tiles, rows, cols)``."""
+def _dz_spec(hidden_size, arch, dtype, allow_tf32, suffix, softcap, sorted_=False):
+    """The dz kernel's build (plain or soft-capped; ``sorted_``: through a vocabulary order, pointer loads)
+    and its production plan ``(spec, tiles, rows, cols)``."""
     pt = "*" + TL_DTYPE[dtype]
     prec = dot_precision(dtype, allow_tf32)
     has_matmul = prec != "ieee" or dtype != torch.float32                # fp32 "ieee" dots run on FMA units
@@ -589,31 +658,33 @@ def _dz_spec(hidden_size, arch, dtype, allow_tf32, suffix, softcap):
     rows, cols = plan_["rows"], plan_["cols"]
     ftn = triton.cdiv(cols, d["BV"])
     n_edges = triton.cdiv(PRODUCTION_SHAPE["V"], d["BV"]) + 1
-    tma = bool(d.get("TMA"))
+    tma = bool(d.get("TMA")) and not sorted_
     t = TL_DTYPE[dtype]
     spec = CompileSpec(
-        kernel=f"student_bwd_dz{'_softcap' if softcap else ''}{suffix}", fn=_dz_kernel,
+        kernel=f"student_bwd_dz{'_softcap' if softcap else ''}{'_sorted' if sorted_ else ''}{suffix}",
+        fn=_dz_kernel,
         constexprs=dict(HAS_BIAS=True, DENSE=True, SPARSE=True, COMPUTE_DB=True, FILTER=True, SOFTCAP=softcap,
-                        TMA=tma, DOT_PREC=prec, **dz_tiles),
+                        TMA=tma, PERM=sorted_, DOT_PREC=prec, **dz_tiles),
         pointers=dict(h_src=f"tensordesc<{t}[{d['BN']}, {d['BH']}]>" if tma else pt,
                       w_src=f"tensordesc<{t}[{d['BV']}, {d['BH']}]>" if tma else pt, b_ptr=pt, ids_ptr="*i32",
-                      bounds_ptr="*i16", dz_ptr=pt, flag_ptr="*i32"),
+                      bounds_ptr="*i16", dz_ptr=pt, flag_ptr="*i32", perm_ptr="*i32"),
         scalars=dict(row0=0, col0=0, n_rows=rows, n_cols=cols, dz_stride=cols, flag_stride=ftn,
                      bounds_stride=n_edges),
         num_warps=d["num_warps"], num_stages=d["num_stages"], has_matmul=has_matmul,
         config=dict(dtype=TL_DTYPE[dtype], dot=prec, **dz_tiles, num_warps=d["num_warps"],
-                    num_stages=d["num_stages"], H=hidden_size, rows=rows, cols=cols, softcap=softcap))
+                    num_stages=d["num_stages"], H=hidden_size, rows=rows, cols=cols, softcap=softcap,
+                    sorted=sorted_))
     return spec, d, rows, cols
 
 
 def _specs(hidden_size, arch, dtype, allow_tf32, suffix):
-    """The plain family, and the soft-capped dz kernel (a tanh per logit; no other kernel sees the soft-cap).
+    """The plain family, and the soft-capped dz kernels (a tanh per logit; no other kernel sees the soft-cap).
     Where the soft-capped dz tile differs from the plain one (``_configs.STUDENT_SOFTCAP``) the kernels built
     for the dz tile (run bounds, live lists, the GEMMs' flag tiles) are built for it too, named ``_softcap``."""
     plain = _family_specs(hidden_size, arch, dtype, allow_tf32, suffix, False)
     capped = _family_specs(hidden_size, arch, dtype, allow_tf32, suffix, True)
     same_tile = all(plain[0].constexprs[k] == capped[0].constexprs[k] for k in ("BN", "BV"))
-    return plain + (capped[:1] if same_tile else capped)
+    return plain + (capped[:2] if same_tile else capped)           # the soft-capped dz kernels (plain, sorted)
 
 
 def _family_specs(hidden_size, arch, dtype, allow_tf32, suffix, softcap):
@@ -621,6 +692,7 @@ def _family_specs(hidden_size, arch, dtype, allow_tf32, suffix, softcap):
     prec = dot_precision(dtype, allow_tf32)
     has_matmul = prec != "ieee" or dtype != torch.float32                # fp32 "ieee" dots run on FMA units
     from ._compile import PRODUCTION_SHAPE
+    dtype_suffix = suffix
     dz_spec, d, rows, cols = _dz_spec(hidden_size, arch, dtype, allow_tf32, suffix, softcap)
     ftm, ftn = triton.cdiv(rows, d["BN"]), triton.cdiv(cols, d["BV"])
     n_edges = triton.cdiv(PRODUCTION_SHAPE["V"], d["BV"]) + 1
@@ -656,17 +728,24 @@ def _family_specs(hidden_size, arch, dtype, allow_tf32, suffix, softcap):
             a_block = (g["BK"], g["BM"])
             scalars = dict(M=cols, NN=hidden_size, KD=rows, stride_a=cols, stride_b=hidden_size,
                            stride_acc=hidden_size, stride_out=hidden_size, live_stride=ftm)
-        for skip in (False, True):
+        # sort_vocab: grad_h reads W's rows through the order (pointers), grad_W writes its rows through it
+        for skip, sorted_ in ((skip, o) for o in (False, True) for skip in (False, True)):
+            b_rows, out_rows = sorted_ and name == "gemm_dh", sorted_ and name == "gemm_dw"
+            tma_ = gtma and not b_rows
             specs.append(CompileSpec(
-                kernel=f"student_bwd_{name}{'_skip' if skip else ''}{suffix}", fn=_gemm_acc_kernel,
+                kernel=f"student_bwd_{name}{'_skip' if skip else ''}{'_sorted' if sorted_ else ''}{suffix}",
+                fn=_gemm_acc_kernel,
                 constexprs=dict(A_COL_MAJOR=col_major, ACCUMULATE=True, SKIP=skip, FLAG_M=flag[0],
-                                FLAG_K=flag[1], TMA=gtma, DOT_PREC=prec, **tiles),
-                pointers=dict(a_src=(f"tensordesc<{t}[{a_block[0]}, {a_block[1]}]>" if gtma else pt),
-                              b_src=(f"tensordesc<{t}[{g['BK']}, {g['BN']}]>" if gtma else pt),
-                              acc_ptr=out, out_ptr=out, live_ptr="*i32", n_live_ptr="*i32"),
+                                FLAG_K=flag[1], TMA=tma_, B_ROWS=b_rows, OUT_ROWS=out_rows, DOT_PREC=prec,
+                                **tiles),
+                pointers=dict(a_src=(f"tensordesc<{t}[{a_block[0]}, {a_block[1]}]>" if tma_ else pt),
+                              b_src=(f"tensordesc<{t}[{g['BK']}, {g['BN']}]>" if tma_ else pt),
+                              acc_ptr=out, out_ptr=out, live_ptr="*i32", n_live_ptr="*i32",
+                              b_rows_ptr="*i32", out_rows_ptr="*i32"),
                 scalars=scalars, num_warps=g["num_warps"], num_stages=g["num_stages"], has_matmul=has_matmul,
                 config=dict(dtype=TL_DTYPE[dtype], dot=prec, **tiles, num_warps=g["num_warps"],
-                            num_stages=g["num_stages"], H=hidden_size)))
+                            num_stages=g["num_stages"], H=hidden_size, sorted=sorted_)))
+    specs.insert(1, _dz_spec(hidden_size, arch, dtype, allow_tf32, dtype_suffix, softcap, sorted_=True)[0])
     return specs
 
 
