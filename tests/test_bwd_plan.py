@@ -5,17 +5,12 @@ The choice is checked against a brute force over every (row chunk, vocabulary bl
 its waves at the production shape are checked directly from the tile counts. The occupancy table is
 compared with a real sm_90 / sm_80 build when Triton's ptxas and cuobjdump are present (no GPU needed)."""
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
 from opd_kernels.triton import _configs, blocked_bwd
+from tests.utils import compile_check_rows
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MiB = 2 ** 20
 H = 4096
 CUDA = torch.device("cuda")
@@ -81,18 +76,8 @@ def test_limits_are_overridable():
 def test_occupancy_table_matches_the_compiler(arch):
     """``BLOCKED_CTAS_PER_SM`` (what the plan's waves assume) equals the fewest CTAs/SM over a fresh build of
     the dz kernel and of the two GEMMs (plain, skip-list and soft-capped builds) per input class."""
-    import triton
-    bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-    if not all(os.path.exists(os.path.join(bin_dir, t)) for t in ("ptxas", "cuobjdump")):
-        pytest.skip(f"ptxas/cuobjdump not found under {bin_dir}")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-m", "opd_kernels.compile_check", "--arch", arch, "--hidden", "4096",
-                           "--kernel", "student_bwd"], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=1800)
-    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
-    assert proc.returncode == 0 and rows and not any("error" in r for r in rows), proc.stderr[-3000:]
     seen: dict = {}
-    for r in rows:
+    for r in compile_check_rows(arch, "student_bwd"):
         name = r["kernel"]
         kind = "dz" if name.startswith("student_bwd_dz") else "gemm" if name.startswith("student_bwd_gemm") else None
         if kind is None:

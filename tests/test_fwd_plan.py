@@ -7,18 +7,13 @@ blocks, vocabulary tiles and splits with remainders (N = 37 over BN = 16, V = 10
 or 90 over BH = 32). The occupancy table is compared with a real sm_90 / sm_80 build when Triton's ptxas
 and cuobjdump are present (no GPU needed)."""
 
-import json
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
 import opd_kernels as ok
 from opd_kernels.triton import _configs
+from tests.utils import compile_check_rows
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 N, V = 37, 1007
 
 
@@ -99,16 +94,7 @@ def test_fwd_tables_cover_every_variant():
 def test_occupancy_table_matches_the_compiler(arch):
     """``FWD_CTAS_PER_SM`` (what the split rule assumes) equals the CTAs/SM of a fresh build at the
     production tiles (registers, shared memory, warps), with 0 spills and tensor cores where expected."""
-    import triton
-    bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-    if not all(os.path.exists(os.path.join(bin_dir, t)) for t in ("ptxas", "cuobjdump")):
-        pytest.skip(f"ptxas/cuobjdump not found under {bin_dir}")
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    proc = subprocess.run([sys.executable, "-m", "opd_kernels.compile_check", "--arch", arch, "--hidden", "4096",
-                           "--kernel", "student_fwd_sweep"], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=1800)
-    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
-    assert proc.returncode == 0 and rows and not any("error" in r for r in rows), proc.stderr[-3000:]
+    rows = compile_check_rows(arch, "student_fwd_sweep")
     assert len(rows) == 12            # bf16 / fp32 / tf32, with and without entropy, plain and soft-capped
     for r in rows:
         c = r["config"]

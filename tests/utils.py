@@ -107,3 +107,26 @@ def leaf_copies(problem, dtype):
 
 def grads(problem):
     return {key: problem[key].grad for key in ("hidden", "weight", "bias") if problem.get(key) is not None}
+
+
+def compile_check_rows(arch: str, kernel: str, hidden: str = "4096") -> list[dict]:
+    """The JSON rows of ``python -m opd_kernels.compile_check --arch ARCH --hidden H --kernel KERNEL`` (a real
+    sm_90 / sm_80 build on this CPU machine, outside the interpreter); skips the test when Triton's ptxas /
+    cuobjdump are absent, fails when the build reports an error."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    import pytest
+    import triton
+    bin_dir = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+    if not all(os.path.exists(os.path.join(bin_dir, t)) for t in ("ptxas", "cuobjdump")):
+        pytest.skip(f"ptxas/cuobjdump not found under {bin_dir}")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run([sys.executable, "-m", "opd_kernels.compile_check", "--arch", arch, "--hidden", hidden,
+                           "--kernel", kernel], cwd=root, env=env, capture_output=True, text=True, timeout=1800)
+    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.strip()]
+    assert proc.returncode == 0 and rows and not any("error" in r for r in rows), proc.stderr[-3000:]
+    return rows
