@@ -52,9 +52,24 @@ class Options:
     sort_vocab: bool = False
 
     def __post_init__(self):
+        """Every :func:`set_options` / :func:`options` call checks the values here, naming the option."""
         for name in ("check_values", "drop_masked_rows", "deterministic", "sort_vocab"):
             if not isinstance(getattr(self, name), bool):
                 raise TypeError(f"option {name} must be a bool, got {getattr(self, name)!r}")
+        for name, optional in (("chunk_size", True), ("memory_budget_bytes", False)):
+            value = getattr(self, name)
+            if value is None and optional:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"option {name} must be an int{' or None' if optional else ''}, got {value!r}")
+            if value < 1:
+                raise ValueError(f"option {name} must be ≥ 1, got {value}")
+        eps = self.filter_eps
+        if eps is not None:
+            if isinstance(eps, bool) or not isinstance(eps, (int, float)):
+                raise TypeError(f"option filter_eps must be a float or None, got {eps!r}")
+            if not (0.0 <= eps < float("inf")):
+                raise ValueError(f"option filter_eps must be finite and ≥ 0 (0 turns filtering off), got {eps}")
 
 
 _FIELDS = frozenset(f.name for f in dataclasses.fields(Options))

@@ -421,3 +421,25 @@ def test_reference_agrees_on_masked_loss():
     mask = torch.tensor([1, 0, 1, 1, 1, 0], dtype=torch.bool)
     assert_close("loss", _loss(hidden, weight, ids, t, mask, variant="tail"),
                  R.topk_rkl_loss(hidden, weight, ids, t, mask, variant="tail"), 1e-5)
+
+
+@pytest.mark.parametrize("kw,err", [
+    (dict(chunk_size=0), ValueError), (dict(chunk_size=2.5), TypeError), (dict(chunk_size=True), TypeError),
+    (dict(memory_budget_bytes=0), ValueError), (dict(memory_budget_bytes=None), TypeError),
+    (dict(filter_eps=-1e-3), ValueError), (dict(filter_eps=float("nan")), ValueError),
+    (dict(filter_eps=float("inf")), ValueError), (dict(filter_eps="2e-12"), TypeError),
+    (dict(sort_vocab="yes"), TypeError), (dict(deterministic=1), TypeError), (dict(check_values=None), TypeError),
+])
+def test_option_values_are_checked(kw, err):
+    """A bad option value is an error naming the option, from ``set_options`` and from ``options`` (which then
+    leaves nothing behind); before, ``chunk_size=0`` or a negative budget ran with a silently clamped plan."""
+    (name,) = kw
+    before = ok.get_options()
+    with pytest.raises(err, match=name):
+        ok.set_options(**kw)
+    with pytest.raises(err, match=name):
+        with ok.options(**kw):
+            pass                                                      # pragma: no cover
+    assert ok.get_options() == before
+    with ok.options(chunk_size=7, filter_eps=0, memory_budget_bytes=1):       # edge values are fine
+        assert ok.get_options().chunk_size == 7
