@@ -672,6 +672,16 @@ def run(cfg: Config) -> dict:
 
 # -------------------------------------------------------------------------------------------------- CLI
 
+#: Help for the options whose None default means "derived": what it derives to.
+_CLI_DEFAULTS = {
+    "collapse_signals": "diagnostics.SIGNAL_SETS preset (default: leak for opd / opsd, default for grpo)",
+    "collapse_window": "steps in the detector's recent window (default: the preset's)",
+    "collapse_patience": "consecutive flagged steps before collapse is declared (default: the preset's)",
+    "collapse_baseline": "the first N steps form the detector's baseline (default: the preset's)",
+    "collapse_min_signals": "signals that must fire at once (default: the preset's)",
+}
+
+
 def _parser():
     p = argparse.ArgumentParser(prog="python -m reference.trainer", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -689,7 +699,8 @@ def _parser():
             p.add_argument("--no-bf16", dest="bf16", action="store_false")
         else:
             kind = {"int": int, "float": float}.get(str(f.type).replace("Optional[", "").rstrip("]"), str)
-            p.add_argument(flag, type=kind, default=f.default, help=f"(default: {f.default!r})")
+            help_ = _CLI_DEFAULTS.get(f.name, f"(default: {f.default!r})")
+            p.add_argument(flag, type=kind, default=f.default, help=help_)
     return p
 
 
