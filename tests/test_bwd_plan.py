@@ -22,26 +22,28 @@ def _geometry(arch, dtype=torch.bfloat16):
             (t["gemm_dw"]["BM"], t["gemm_dw"]["BN"]))
 
 
-def _cost(n, v, rows, cols, arch=90, sms=132, dtype=torch.bfloat16):
+def _cost(n, v, rows, cols, arch=90, sms=132, dtype=torch.bfloat16, h=H):
     ctas = _configs.blocked_ctas_per_sm(arch, dtype)
     elem = torch.finfo(dtype).bits // 8
-    return blocked_bwd._plan_seconds(n, v, H, elem, rows, cols, _geometry(arch, dtype),
+    return blocked_bwd._plan_seconds(n, v, h, elem, rows, cols, _geometry(arch, dtype),
                                      (sms * ctas["dz"], sms * ctas["gemm"]), (ctas["dz"], ctas["gemm"]))
 
 
-@pytest.mark.parametrize("n,v,arch,sms", [(16384, 128256, 90, 132), (4096, 151936, 90, 132),
-                                          (3000, 32000, 90, 114), (8192, 128256, 80, 108)])
-def test_choice_is_the_cheapest_within_the_limits(n, v, arch, sms):
+@pytest.mark.parametrize("n,v,arch,sms,h", [(16384, 128256, 90, 132, H), (4096, 151936, 90, 132, H),
+                                            (3000, 32000, 90, 114, H), (8192, 128256, 80, 108, H),
+                                            (65536, 32000, 90, 132, 256), (32768, 151936, 90, 132, 8192)])
+def test_choice_is_the_cheapest_within_the_limits(n, v, arch, sms, h):
     """No (rows, cols) pair within the limits models faster than the plan's choice (by more than the 0.1 %
-    tie margin): the candidate list (widest block, full-wave widths) loses nothing against a brute force."""
-    p = blocked_bwd.plan(n, v, H, torch.bfloat16, CUDA, arch=arch, sms=sms)
+    tie margin): the bounded candidate list (≤ 16 row chunks; widest block, full-wave widths) loses nothing
+    against a brute force, also where H = 256 allows 256 row chunks."""
+    p = blocked_bwd.plan(n, v, h, torch.bfloat16, CUDA, arch=arch, sms=sms)
     bn, bv = _geometry(arch)[0]
-    chosen = _cost(n, v, p["rows"], p["cols"], arch, sms)
+    chosen = _cost(n, v, p["rows"], p["cols"], arch, sms, h=h)
     best = min(
-        _cost(n, v, rows, cols, arch, sms)
-        for rows in range(bn, min(-(-n // bn) * bn, 32 * MiB // (H * 4)) + 1, bn)
+        _cost(n, v, rows, cols, arch, sms, h=h)
+        for rows in range(bn, min(-(-n // bn) * bn, 32 * MiB // (h * 4)) + 1, bn)
         for cols in range(bv, -(-v // bv) * bv + 1, bv)
-        if rows * cols * 2 <= 32 * MiB and rows * H * 4 + rows * cols * 2 <= 58 * MiB)
+        if rows * cols * 2 <= 32 * MiB and rows * h * 4 + rows * cols * 2 <= 58 * MiB)
     assert chosen <= best * 1.002, (p["rows"], p["cols"], chosen, best)
 
 

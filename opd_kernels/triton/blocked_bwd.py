@@ -385,14 +385,18 @@ def _plan_seconds(n, vocab, hdim, elem, rows, cols, geometry, slots, ctas) -> fl
 @functools.lru_cache(maxsize=1024)
 def _choose_blocks(n, vocab, hdim, elem, geometry, slots, ctas, limits) -> tuple[int, int]:
     """``(rows, cols)`` of :func:`plan`: the candidate with the least :func:`_plan_seconds` (the larger block
-    on ties within 0.1 %). ``n`` comes rounded up to the dz tile (one cached choice per 128 tokens)."""
+    on ties within 0.1 %). ``n`` comes rounded up to the dz tile (one cached choice per 128 tokens).
+    Candidates: up to 16 row chunks spread over the allowed range; for each, the widest block and the widths that end one of the last
+    4 dz waves or 8 grad_W waves of that block on a full wave (≤ ~200 evaluations whatever N, V and H)."""
     (bn, bv), _, (mw, nw) = geometry
     gh_cap, dz_cap, both_cap = limits
     max_rows = -(-n // bn) * bn
     max_cols = -(-vocab // bv) * bv
     row_cap = max(bn, min(max_rows, gh_cap // (hdim * 4) // bn * bn))
     best, best_t = None, math.inf
-    for rows in range(bn, row_cap + 1, bn):
+    # up to 16 row chunks spread over [bn, row_cap] (every multiple of bn when there are ≤ 16: H = 4096)
+    step = -(-row_cap // (16 * bn)) * bn
+    for rows in sorted({max(bn, r // bn * bn) for r in range(row_cap, 0, -step)}, reverse=True):
         room = min(dz_cap, both_cap - rows * hdim * 4) // (rows * elem)
         widest = min(max_cols, room // bv * bv)
         if widest < bv:
@@ -402,11 +406,11 @@ def _choose_blocks(n, vocab, hdim, elem, geometry, slots, ctas, limits) -> tuple
         cand = {widest}
         tm = -(-rows // bn)
         waves_dz = -(-(tm * -(-widest // bv)) // slots[0])
-        for w in range(1, waves_dz + 1):                       # dz launches ending on a full wave
+        for w in range(max(1, waves_dz - 3), waves_dz + 1):   # dz launches ending on a full wave
             cand.add(max(1, w * slots[0] // tm) * bv)
         tw = -(-hdim // nw)
         waves_dw = -(-(-(-widest // mw) * tw) // slots[1])
-        for w in range(1, waves_dw + 1):                       # grad_W launches ending on a full wave
+        for w in range(max(1, waves_dw - 7), waves_dw + 1):   # grad_W launches ending on a full wave
             cand.add(max(bv, (w * slots[1] // tw) * mw // bv * bv))
         for cols in sorted(cand, reverse=True):
             if cols > widest:
