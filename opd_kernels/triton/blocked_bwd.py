@@ -386,8 +386,9 @@ def _plan_seconds(n, vocab, hdim, elem, rows, cols, geometry, slots, ctas) -> fl
 def _choose_blocks(n, vocab, hdim, elem, geometry, slots, ctas, limits) -> tuple[int, int]:
     """``(rows, cols)`` of :func:`plan`: the candidate with the least :func:`_plan_seconds` (the larger block
     on ties within 0.1 %). ``n`` comes rounded up to the dz tile (one cached choice per 128 tokens).
-    Candidates: up to 16 row chunks spread over the allowed range; for each, the widest block and the widths that end one of the last
-    4 dz waves or 8 grad_W waves of that block on a full wave (≤ ~200 evaluations whatever N, V and H)."""
+    Candidates: up to 16 row chunks spread over the allowed range; for each, the widest block and the widths
+    that end one of its last 4 dz waves or 8 grad_W waves on a full wave (≤ ~200 evaluations whatever N, V
+    and H)."""
     (bn, bv), _, (mw, nw) = geometry
     gh_cap, dz_cap, both_cap = limits
     max_rows = -(-n // bn) * bn
