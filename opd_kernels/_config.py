@@ -40,8 +40,8 @@ class Options:
     #: Torch backend: peak bytes for the per-chunk [chunk, V] temporaries.
     memory_budget_bytes: int = 256 * 2**20
     #: Triton backend: skip backward tiles in which every π (softmax probability, i.e. the dense gradient
-    #: relative to its row's scale |c|/τ) is below this. None = the backend default, the dtype's epsilon × 2⁻¹⁶,
-    #: far below its resolution; 0 disables filtering.
+    #: relative to its row's scale, ``blocked_bwd.filter_thresholds``) is below this. None = the backend default
+    #: (2⁻¹² for bf16 / fp16, the class of cut-cross-entropy's filter; 2⁻³⁰ for fp32); 0 disables filtering.
     filter_eps: float | None = None
     #: Triton backend: no atomics whose order changes results (bitwise reproducible gradients).
     deterministic: bool = False

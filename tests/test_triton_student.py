@@ -312,7 +312,6 @@ def test_sort_vocab_softcap_duplicates_and_out_of_range_ids():
     """The order with a soft-cap and logit_scale (bias read through the order inside the tanh), duplicate ids
     in a row and slots holding ids < 0 or ≥ V (they fall in no tile, in any order): same gradients as the
     unsorted run up to fp32 summation order."""
-    from opd_kernels.triton import blocked_bwd as bb
     g = torch.Generator().manual_seed(131)
     hidden = torch.randn(N, H, generator=g)
     weight = torch.randn(V, H, generator=g) * 0.2
@@ -321,13 +320,14 @@ def test_sort_vocab_softcap_duplicates_and_out_of_range_ids():
     ids[0, :] = ids[0, 0]                                          # duplicates
     ids[1, 1], ids[2, 2], ids[3, 0] = -1, V, V + 40                # outside the vocabulary
     coef = torch.randn(N, K, generator=g)
-    lse = torch.logsumexp(2.5 * torch.tanh(0.6 * (hidden @ weight.T + bias) / 2.5) / 0.8, 1)
+    z = 2.5 * torch.tanh(0.6 * (hidden @ weight.T + bias) / 2.5) / 0.8                  # cap 2.5 / τ, inv_tau 0.6 / τ
+    lse = torch.logsumexp(z, 1)
+    slope = 1 - (z.gather(1, ids.clamp(0, V - 1)) / (2.5 / 0.8)) ** 2                  # ∂z/∂u at the ids
     out = []
     for order in (False, True):
         with overrides(programs=8, **BLOCKS):
-            out.append(bb.input_grads(hidden, weight, bias, ids, lse, coef, 0.75, True, True, True, 0.0,
-                                      softcap=2.5 / 0.8, sparse_slope=torch.rand(N, K, generator=g) * 0 + 0.5,
-                                      sort_vocab=order))
+            out.append(blocked_bwd.input_grads(hidden, weight, bias, ids, lse, coef, 0.75, True, True, True, 0.0,
+                                               softcap=2.5 / 0.8, sparse_slope=slope, sort_vocab=order))
     for name, a, b in zip(("grad_h", "grad_W", "grad_b"), *out):
         assert_close(name, b, a, 2e-6)
 
@@ -335,17 +335,16 @@ def test_sort_vocab_softcap_duplicates_and_out_of_range_ids():
 def test_sort_vocab_order():
     """The order is by decreasing ``h̄ Wᵀ + b`` (ties by id), a permutation of the rows; a negative scale
     reverses it."""
-    from opd_kernels.triton import blocked_bwd as bb
     g = torch.Generator().manual_seed(141)
     hidden, weight, bias = torch.randn(9, 6, generator=g), torch.randn(50, 6, generator=g), torch.randn(50, generator=g)
     weight[7] = weight[3]
     bias[7] = bias[3]                                              # a tie: 3 before 7
-    perm = bb.vocab_order(hidden, weight, bias, 1.3)
+    perm = blocked_bwd.vocab_order(hidden, weight, bias, 1.3)
     avg = weight.double() @ hidden.double().mean(0) + bias.double()
     assert perm.dtype == torch.int32 and sorted(perm.tolist()) == list(range(50))
     assert (avg[perm.long()].diff() <= 1e-6).all()
     assert perm.tolist().index(3) < perm.tolist().index(7)
-    assert bb.vocab_order(hidden, weight, bias, -1.0).tolist()[0] == perm.tolist()[-1]
+    assert blocked_bwd.vocab_order(hidden, weight, bias, -1.0).tolist()[0] == perm.tolist()[-1]
 
 
 def _clustered_problem(seed):
@@ -404,7 +403,7 @@ def test_sort_vocab_bf16_error():
         assert e_sorted <= 1.1 * e_plain + 1e-6, f"grad_{key}: sorted {e_sorted:.3g} vs plain {e_plain:.3g}"
 
 
-def test_sort_vocab_option_reaches_the_triton_spec_only():
+def test_sort_vocab_option_reaches_the_triton_spec_only(monkeypatch):
     """``ok.options(sort_vocab=True)`` fills the Triton spec; the torch backend never sees it (a tuning
     field); a non-bool is a TypeError naming the option."""
     prob = make_problem(n=8, h=16, v=64, k=3, seed=171)
@@ -416,8 +415,8 @@ def test_sort_vocab_option_reaches_the_triton_spec_only():
         return orig(*a, **k)
 
     p = leaf_copies(prob, torch.float32)
-    with pytest.MonkeyPatch.context() as mp, ok.options(sort_vocab=True):
-        mp.setattr(blocked_bwd, "input_grads", spy)
+    monkeypatch.setattr(blocked_bwd, "input_grads", spy)
+    with ok.options(sort_vocab=True):
         ok.topk_rkl_loss(p["hidden"], p["weight"], prob["teacher_ids"], prob["teacher_logprobs"], bias=p["bias"],
                          backend="triton").backward()
         p2 = leaf_copies(prob, torch.float32)

@@ -326,9 +326,8 @@ def plan(n: int, vocab: int, hdim: int, dtype, device: torch.device, arch: int |
     block ``rows·cols·elt ≤ dz_block_bytes``, both together ``≤ block_bytes``. Within them the shape with
     the least modelled time (:func:`_plan_seconds`: every launch's waves of resident programs, SMs × the
     compiled CTAs/SM of ``_configs.BLOCKED_CTAS_PER_SM``, so no wave is mostly empty; the launch gaps; the
-    output read-modify-writes, which favour long GEMM K loops). Candidates: every row chunk, and for each the
-    widest block plus the widths that end a dz or grad_W launch on a full wave. In the interpreter (8
-    resident programs) the largest blocks win, as the launch gaps dominate tiny tiles."""
+    output read-modify-writes, which favour long GEMM K loops), among the candidates of :func:`_choose_blocks`.
+    In the interpreter (8 resident programs) the largest blocks win, as the launch gaps dominate tiny tiles."""
     def tiles(kernel):
         if arch is not None:
             return _configs.student_prod_tiles(kernel, arch, dtype, softcap=softcap)
